@@ -1,0 +1,182 @@
+//! The broker names of the contract (§2) and their idempotent declaration.
+//!
+//! Every process declares the whole topology at start-up with the same arguments, so any
+//! number of replicas (and `migrate`) can race to declare it safely. Queue arguments are part
+//! of a queue's identity in RabbitMQ: changing one here makes redeclaration fail with
+//! `PRECONDITION_FAILED` on brokers that already have the queue, so treat them as a contract.
+
+use std::time::Duration;
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+/// Topic exchange that producers publish lifecycle events to; `tenant.token.ready` goes here too.
+pub const EVENTS_EXCHANGE: &str = "tenant.events";
+/// The worker's input: a durable quorum queue.
+pub const REQUESTS_QUEUE: &str = "tenant-tokens.requests";
+/// Exchange that given-up messages are routed through.
+pub const DEAD_LETTER_EXCHANGE: &str = "tenant-tokens.dlx";
+/// The dead-letter queue operators watch.
+pub const DEAD_LETTER_QUEUE: &str = "tenant-tokens.dead";
+/// Prefix of the delayed-retry queues (`tenant-tokens.retry.5s`, …).
+pub const RETRY_QUEUE_PREFIX: &str = "tenant-tokens.retry.";
+
+/// Routing key of eager provisioning requests.
+pub const TENANT_CREATED: &str = "tenant.created";
+/// Routing key of lazy provisioning requests.
+pub const EXTENSION_REQUESTED: &str = "extension.requested";
+/// Routing key of the outgoing event.
+pub const TOKEN_READY: &str = "tenant.token.ready";
+
+/// Broker-side safety net: a message redelivered this many times (for example because it
+/// crashes the process every time) is dead-lettered by RabbitMQ itself. The worker's own
+/// attempt count (`x-tt-attempts`, see `MAX_ATTEMPTS`) is what normally ends retries.
+pub const DELIVERY_LIMIT: i64 = 50;
+
+/// Headers the worker sets on dead letters (§2) and on retried or replayed messages.
+pub mod headers {
+    /// Human-readable reason, no secrets, at most 1 KiB.
+    pub const ERROR: &str = "x-tt-error";
+    /// `invalid`, `rejected` or `exhausted`.
+    pub const ERROR_KIND: &str = "x-tt-error-kind";
+    /// Deliveries that failed with a retryable error.
+    pub const ATTEMPTS: &str = "x-tt-attempts";
+    /// The routing key the message was first published with.
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-tt-original-routing-key";
+    /// When the message was given up, RFC 3339.
+    pub const FAILED_AT: &str = "x-tt-failed-at";
+    /// The issuer's HTTP status, for `rejected`.
+    pub const ISSUER_STATUS: &str = "x-tt-issuer-status";
+    /// Set by `dlq replay` on the republished copy.
+    pub const REPLAYED_AT: &str = "x-tt-replayed-at";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Copy of the triggering message's `correlation_id` on the outgoing event.
+    pub const REQUEST_CORRELATION_ID: &str = "x-request-correlation-id";
+}
+
+/// The name of the retry queue that holds messages for `delay`.
+pub fn retry_queue_name(delay: Duration) -> String {
+    format!("{RETRY_QUEUE_PREFIX}{}", humanize(delay))
+}
+
+fn humanize(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(v.into())
+}
+
+fn quorum_args() -> FieldTable {
+    let mut a = FieldTable::default();
+    a.insert("x-queue-type".into(), s("quorum"));
+    a
+}
+
+/// Declares exchanges, queues and bindings of §2, plus one retry queue per delay.
+///
+/// Retry queues hold a message for their TTL and then dead-letter it (at least once) back to
+/// the requests queue through the default exchange. The request queue dead-letters to
+/// `tenant-tokens.dlx` only when its delivery limit is hit.
+pub async fn declare(ch: &Channel, retry_delays: &[Duration]) -> Result<(), lapin::Error> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        EVENTS_EXCHANGE.into(),
+        ExchangeKind::Topic,
+        durable_exchange,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        DEAD_LETTER_EXCHANGE.into(),
+        ExchangeKind::Topic,
+        durable_exchange,
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut req_args = quorum_args();
+    req_args.insert("x-dead-letter-exchange".into(), s(DEAD_LETTER_EXCHANGE));
+    req_args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+    req_args.insert("x-overflow".into(), s("reject-publish"));
+    req_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    ch.queue_declare(REQUESTS_QUEUE.into(), durable_queue, req_args)
+        .await?;
+    for key in [TENANT_CREATED, EXTENSION_REQUESTED] {
+        ch.queue_bind(
+            REQUESTS_QUEUE.into(),
+            EVENTS_EXCHANGE.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+
+    ch.queue_declare(DEAD_LETTER_QUEUE.into(), durable_queue, quorum_args())
+        .await?;
+    ch.queue_bind(
+        DEAD_LETTER_QUEUE.into(),
+        DEAD_LETTER_EXCHANGE.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    for delay in retry_delays {
+        let mut a = quorum_args();
+        a.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        a.insert("x-dead-letter-exchange".into(), s(""));
+        a.insert("x-dead-letter-routing-key".into(), s(REQUESTS_QUEUE));
+        a.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+        a.insert("x-overflow".into(), s("reject-publish"));
+        let name: ShortString = retry_queue_name(*delay).into();
+        ch.queue_declare(name, durable_queue, a).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_queue_names_read_well() {
+        assert_eq!(
+            retry_queue_name(Duration::from_secs(5)),
+            "tenant-tokens.retry.5s"
+        );
+        assert_eq!(
+            retry_queue_name(Duration::from_secs(120)),
+            "tenant-tokens.retry.2m"
+        );
+        assert_eq!(
+            retry_queue_name(Duration::from_millis(250)),
+            "tenant-tokens.retry.250ms"
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! tenant-tokens: one webtask tenant token per tenant, provisioned from RabbitMQ events.
+
+pub mod broker;
