@@ -65,11 +65,11 @@ pub fn retry_queue_name(delay: Duration) -> String {
 
 fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -119,7 +119,10 @@ pub async fn declare(ch: &Channel, retry_delays: &[Duration]) -> Result<(), lapi
     req_args.insert("x-dead-letter-exchange".into(), s(DEAD_LETTER_EXCHANGE));
     req_args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
     req_args.insert("x-overflow".into(), s("reject-publish"));
-    req_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    req_args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
     ch.queue_declare(REQUESTS_QUEUE.into(), durable_queue, req_args)
         .await?;
     for key in [TENANT_CREATED, EXTENSION_REQUESTED] {

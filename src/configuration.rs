@@ -1,0 +1,323 @@
+//! Configuration (contract §8): environment variables, each also a flag of `run`, parsed and
+//! checked once at start-up into [`Settings`]. A bad value stops `run` with exit code 2 and
+//! a message that says what to fix, never with a secret in it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::crypto::{EncryptionKey, TokenCipher};
+use crate::domain::NamingStrategy;
+use crate::issuer::{IssuerSettings, Restrictions, RetryPolicy};
+
+/// The broker default of the contract: RabbitMQ on localhost, vhost `/`.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The database default of the contract.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tenant_tokens";
+
+/// A configuration error: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Where the broker is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL, vhost included.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+}
+
+/// Where the database is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// Postgres URL; the database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// The encryption key, inline or from a file.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// Base64 of 32 bytes (`tenant-tokens keygen`).
+    #[arg(long, env = "TOKEN_ENCRYPTION_KEY", hide_env_values = true)]
+    pub token_encryption_key: Option<String>,
+    /// A file holding the key.
+    #[arg(long, env = "TOKEN_ENCRYPTION_KEY_FILE")]
+    pub token_encryption_key_file: Option<PathBuf>,
+    /// Retired keys (comma separated, base64) that still decrypt old rows after a rotation.
+    #[arg(long, env = "TOKEN_DECRYPTION_KEYS", hide_env_values = true)]
+    pub token_decryption_keys: Option<String>,
+}
+
+impl KeyArgs {
+    /// The cipher, or the error that tells how to make a key.
+    pub fn cipher(&self) -> Result<TokenCipher, ConfigError> {
+        let text = secret_value(
+            self.token_encryption_key.as_deref(),
+            self.token_encryption_key_file.as_ref(),
+            "TOKEN_ENCRYPTION_KEY",
+        )?
+        .ok_or_else(|| {
+            ConfigError(
+                "TOKEN_ENCRYPTION_KEY (or TOKEN_ENCRYPTION_KEY_FILE) is required: make one with \
+                 `tenant-tokens keygen` and keep it in your secret store"
+                    .into(),
+            )
+        })?;
+        let current = EncryptionKey::from_base64(&text)
+            .map_err(|e| ConfigError(format!("TOKEN_ENCRYPTION_KEY: {e}")))?;
+        let retired = self
+            .token_decryption_keys
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|k| !k.trim().is_empty())
+            .map(EncryptionKey::from_base64)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError(format!("TOKEN_DECRYPTION_KEYS: {e}")))?;
+        TokenCipher::new(&current, &retired).map_err(|e| ConfigError(e.to_string()))
+    }
+}
+
+/// Every flag of `run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Base URL of the webtask issuer (the call goes to `{url}/api/tokens/issue`).
+    #[arg(long, env = "ISSUER_URL")]
+    pub issuer_url: Option<String>,
+    /// The platform's master token. Prefer the _FILE form: environments leak.
+    #[arg(long, env = "ISSUER_MASTER_TOKEN", hide_env_values = true)]
+    pub issuer_master_token: Option<String>,
+    /// A file holding the master token.
+    #[arg(long, env = "ISSUER_MASTER_TOKEN_FILE")]
+    pub issuer_master_token_file: Option<PathBuf>,
+    /// Extra restrictions of every token, a JSON object, e.g. `{"dd":0,"exp":86400}` (seconds from now).
+    #[arg(long, env = "ISSUER_RESTRICTIONS", default_value = "")]
+    pub issuer_restrictions: String,
+    /// Timeout of one issue request.
+    #[arg(long, env = "ISSUER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub issuer_timeout: Duration,
+    /// Time one message may spend retrying the issue call before delayed redelivery.
+    #[arg(long, env = "ISSUE_RETRY_BUDGET", default_value = "10s", value_parser = parse_duration)]
+    pub issue_retry_budget: Duration,
+    /// Messages handled at once per process (the consumer prefetch).
+    #[arg(long, env = "CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Most deliveries that share one database transaction and one confirm wait.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+    /// Database connections (batches in flight at once).
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_pool_size: u32,
+    /// Deliveries that may fail with a retryable error before the message is dead-lettered.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    /// Delays of the retry queues, growing (the last one repeats).
+    #[arg(long, env = "RETRY_DELAYS", default_value = "1s,5s,30s,2m,10m", value_parser = parse_delays)]
+    pub retry_delays: Delays,
+    /// How long in-flight work may take to finish after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(long, env = "OPS_ADDR", default_value = "127.0.0.1:9400")]
+    pub ops_addr: SocketAddr,
+    /// How new containers are named.
+    #[arg(long, env = "CONTAINER_NAMING", value_enum, default_value_t = NamingStrategy::Derived)]
+    pub container_naming: NamingStrategy,
+    /// Put the token itself into `tenant.token.ready`.
+    #[arg(long, env = "EVENT_INCLUDE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub event_include_token: bool,
+}
+
+/// Retry-queue delays (a newtype so clap can parse the list as one value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delays(pub Vec<Duration>);
+
+/// Validated settings of the worker.
+#[derive(Debug)]
+pub struct Settings {
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+    /// Postgres URL.
+    pub database_url: String,
+    /// Pool size.
+    pub db_pool_size: u32,
+    /// Issuer client settings.
+    pub issuer: IssuerSettings,
+    /// Token encryption.
+    pub cipher: TokenCipher,
+    /// Prefetch.
+    pub concurrency: u16,
+    /// Batch limit.
+    pub batch_size: u16,
+    /// Attempt limit.
+    pub max_attempts: u32,
+    /// Retry delays.
+    pub retry_delays: Vec<Duration>,
+    /// Shutdown grace.
+    pub shutdown_grace: Duration,
+    /// Ops endpoint address.
+    pub ops_addr: SocketAddr,
+    /// Container naming.
+    pub naming: NamingStrategy,
+    /// `EVENT_INCLUDE_TOKEN`.
+    pub include_token: bool,
+}
+
+impl RunArgs {
+    /// Checks everything `run` needs.
+    pub fn into_settings(self) -> Result<Settings, ConfigError> {
+        let issuer_url = self
+            .issuer_url
+            .filter(|u| !u.trim().is_empty())
+            .ok_or_else(|| {
+                ConfigError("ISSUER_URL is required (e.g. https://webtask.example.com)".into())
+            })?;
+        let master = secret_value(
+            self.issuer_master_token.as_deref(),
+            self.issuer_master_token_file.as_ref(),
+            "ISSUER_MASTER_TOKEN",
+        )?
+        .ok_or_else(|| {
+            ConfigError("ISSUER_MASTER_TOKEN or ISSUER_MASTER_TOKEN_FILE is required".into())
+        })?;
+        let restrictions = Restrictions::parse(&self.issuer_restrictions).map_err(ConfigError)?;
+        let cipher = self.key.cipher()?;
+        if self.retry_delays.0.is_empty() {
+            return Err(ConfigError("RETRY_DELAYS needs at least one delay".into()));
+        }
+        Ok(Settings {
+            amqp_url: self.broker.amqp_url,
+            database_url: self.database.database_url,
+            db_pool_size: self.db_pool_size,
+            issuer: IssuerSettings {
+                url: issuer_url,
+                master_token: SecretString::from(master),
+                restrictions,
+                timeout: self.issuer_timeout,
+                retry: RetryPolicy {
+                    budget: self.issue_retry_budget,
+                    ..RetryPolicy::default()
+                },
+            },
+            cipher,
+            concurrency: self.concurrency,
+            batch_size: self.batch_size,
+            max_attempts: self.max_attempts,
+            retry_delays: self.retry_delays.0,
+            shutdown_grace: self.shutdown_grace,
+            ops_addr: self.ops_addr,
+            naming: self.container_naming,
+            include_token: self.event_include_token,
+        })
+    }
+}
+
+/// A secret given inline or in a file (trimmed); both at once is an error.
+fn secret_value(
+    inline: Option<&str>,
+    file: Option<&PathBuf>,
+    name: &str,
+) -> Result<Option<String>, ConfigError> {
+    match (inline.filter(|s| !s.is_empty()), file) {
+        (Some(_), Some(_)) => Err(ConfigError(format!("set {name} or {name}_FILE, not both"))),
+        (Some(v), None) => Ok(Some(v.trim().to_owned())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("{name}_FILE {}: {e}", path.display())))?;
+            let text = text.trim().to_owned();
+            if text.is_empty() {
+                return Err(ConfigError(format!(
+                    "{name}_FILE {} is empty",
+                    path.display()
+                )));
+            }
+            Ok(Some(text))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `2h`, `1d` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 5m, 2h or 1d"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration like 500ms, 10s, 5m, 2h or 1d"
+            ));
+        }
+    };
+    if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `RETRY_DELAYS` (for `migrate`, which declares the same retry queues as `run`).
+pub fn parse_delays_arg(s: &str) -> Result<Delays, String> {
+    parse_delays(s)
+}
+
+fn parse_delays(s: &str) -> Result<Delays, String> {
+    let delays = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(parse_duration)
+        .collect::<Result<Vec<_>, _>>()?;
+    if delays.iter().any(|d| d.is_zero()) {
+        return Err("retry delays must be positive".into());
+    }
+    Ok(Delays(delays))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_delays("1s, 5s").map(|d| d.0.len()), Ok(2));
+        assert!(parse_delays("0s").is_err());
+    }
+
+    #[test]
+    fn secrets_come_from_one_place() {
+        assert!(secret_value(Some("a"), Some(&PathBuf::from("/x")), "K").is_err());
+        assert_eq!(
+            secret_value(Some(" a "), None, "K")
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("a")
+        );
+        let err = secret_value(None, Some(&PathBuf::from("/nonexistent/k")), "K").err();
+        assert!(err.is_some_and(|e| e.to_string().contains("K_FILE")));
+    }
+}

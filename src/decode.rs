@@ -1,0 +1,292 @@
+//! Message decoding (contract §3): an AMQP delivery's routing key, properties and body become
+//! a [`ProvisionRequest`], or a [`DecodeError`] that sends the message to the dead-letter
+//! queue with kind `invalid`. Decoding never panics, whatever the bytes.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::domain::{MessageIdentity, ProvisionRequest, TenantId, TenantName, Trigger};
+
+/// The largest body the worker reads.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the decoder needs of a delivery, independent of the AMQP client.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope<'a> {
+    /// The routing key the request was first published with (the retry path keeps it in a header).
+    pub routing_key: &'a str,
+    /// The AMQP `message_id` property.
+    pub message_id: Option<&'a str>,
+    /// The AMQP `correlation_id` property.
+    pub correlation_id: Option<&'a str>,
+    /// The AMQP `content_type` property.
+    pub content_type: Option<&'a str>,
+    /// The W3C `traceparent` header.
+    pub traceparent: Option<&'a str>,
+}
+
+/// Why a message is not a valid request. The text never contains the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A routing key the worker does not handle.
+    #[error("unknown routing key {0:?}: expected tenant.created or extension.requested")]
+    UnknownRoutingKey(String),
+    /// Body over [`MAX_BODY`].
+    #[error("body of {0} bytes is over the 64 KiB limit")]
+    TooLarge(usize),
+    /// A content type that is neither JSON nor structured CloudEvents.
+    #[error(
+        "unsupported content type {0:?}: expected application/json or application/cloudevents+json"
+    )]
+    ContentType(String),
+    /// Not UTF-8 JSON.
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not an object.
+    #[error("body is not a JSON object")]
+    NotObject,
+    /// A CloudEvents envelope that breaks the CloudEvents rules the contract names.
+    #[error("invalid CloudEvent: {0}")]
+    CloudEvent(String),
+    /// No `tenant_id`.
+    #[error("tenant_id is missing")]
+    MissingTenant,
+    /// A field with a bad value.
+    #[error("{0}")]
+    Field(String),
+}
+
+#[derive(Deserialize)]
+struct Fields {
+    tenant_id: Option<Value>,
+    tenant_name: Option<Value>,
+    extension_id: Option<Value>,
+}
+
+/// Decodes one delivery into a request.
+pub fn decode(env: &Envelope<'_>, body: &[u8]) -> Result<ProvisionRequest, DecodeError> {
+    let trigger = Trigger::from_routing_key(env.routing_key)
+        .ok_or_else(|| DecodeError::UnknownRoutingKey(truncate(env.routing_key, 64)))?;
+    if body.len() > MAX_BODY {
+        return Err(DecodeError::TooLarge(body.len()));
+    }
+    let media = env.content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let cloud_event = match media.as_deref() {
+        None | Some("") | Some("application/json") => false,
+        Some("application/cloudevents+json") => true,
+        Some(other) => return Err(DecodeError::ContentType(truncate(other, 64))),
+    };
+    let json: Value =
+        serde_json::from_slice(body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Value::Object(mut obj) = json else {
+        return Err(DecodeError::NotObject);
+    };
+    let mut ce_id = None;
+    let data = if cloud_event {
+        match obj.get("specversion").and_then(Value::as_str) {
+            Some("1.0") => {}
+            _ => {
+                return Err(DecodeError::CloudEvent(
+                    "specversion must be \"1.0\"".into(),
+                ));
+            }
+        }
+        if obj.get("type").and_then(Value::as_str) != Some(env.routing_key) {
+            return Err(DecodeError::CloudEvent(format!(
+                "type must equal the routing key {:?}",
+                env.routing_key
+            )));
+        }
+        ce_id = match obj.get("id") {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            _ => {
+                return Err(DecodeError::CloudEvent(
+                    "id must be a non-empty string".into(),
+                ));
+            }
+        };
+        match obj.remove("data") {
+            Some(Value::Object(d)) => Value::Object(d),
+            _ => return Err(DecodeError::CloudEvent("data must be a JSON object".into())),
+        }
+    } else {
+        Value::Object(obj)
+    };
+    let fields: Fields = serde_json::from_value(data).map_err(|_| DecodeError::NotObject)?;
+
+    let tenant_id = match fields.tenant_id {
+        None | Some(Value::Null) => return Err(DecodeError::MissingTenant),
+        Some(Value::String(s)) => TenantId::parse(&s).map_err(DecodeError::Field)?,
+        Some(_) => return Err(DecodeError::Field("tenant_id must be a string".into())),
+    };
+    let tenant_name = match fields.tenant_name {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(TenantName::parse(&s).map_err(DecodeError::Field)?),
+        Some(_) => return Err(DecodeError::Field("tenant_name must be a string".into())),
+    };
+    let extension_id = match fields.extension_id {
+        Some(Value::String(s)) if trigger == Trigger::ExtensionRequested => Some(truncate(&s, 256)),
+        _ => None,
+    };
+    let identity = env
+        .message_id
+        .and_then(MessageIdentity::given)
+        .or_else(|| ce_id.as_deref().and_then(MessageIdentity::given))
+        .unwrap_or_else(|| MessageIdentity::digest(env.routing_key, body));
+    Ok(ProvisionRequest {
+        identity,
+        trigger,
+        tenant_id,
+        tenant_name,
+        extension_id,
+        correlation_id: env.correlation_id.map(|c| truncate(c, 256)),
+        traceparent: env
+            .traceparent
+            .filter(|t| valid_traceparent(t))
+            .map(str::to_owned),
+    })
+}
+
+/// `version-traceid-parentid-flags` with the lengths of W3C Trace Context.
+fn valid_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(key: &str) -> Envelope<'_> {
+        Envelope {
+            routing_key: key,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plain_json() {
+        let r = decode(
+            &env("tenant.created"),
+            br#"{"tenant_id":"acme-42","tenant_name":"Acme","extra":1}"#,
+        )
+        .expect("valid");
+        assert_eq!(r.tenant_id.as_str(), "acme-42");
+        assert_eq!(
+            r.tenant_name.map(|n| n.as_str().to_owned()),
+            Some("Acme".into())
+        );
+        assert_eq!(r.trigger, Trigger::TenantCreated);
+        assert!(r.identity.as_str().starts_with("sha256:"));
+    }
+
+    #[test]
+    fn identity_prefers_message_id_then_cloudevent_id() {
+        let mut e = env("extension.requested");
+        e.content_type = Some("application/cloudevents+json; charset=utf-8");
+        let body = br#"{"specversion":"1.0","type":"extension.requested","id":"ce-1","source":"x","data":{"tenant_id":"t1","extension_id":"ext"}}"#;
+        let r = decode(&e, body).expect("valid");
+        assert_eq!(r.identity.as_str(), "ce-1");
+        assert_eq!(r.extension_id.as_deref(), Some("ext"));
+        e.message_id = Some("m-9");
+        assert_eq!(decode(&e, body).expect("valid").identity.as_str(), "m-9");
+    }
+
+    #[test]
+    fn invalid_inputs_are_named() {
+        let cases: Vec<(Envelope<'_>, Vec<u8>, &str)> = vec![
+            (
+                env("tenant.deleted"),
+                br#"{"tenant_id":"a"}"#.to_vec(),
+                "unknown routing key",
+            ),
+            (
+                env("tenant.created"),
+                b"not json".to_vec(),
+                "not valid JSON",
+            ),
+            (env("tenant.created"), vec![0xff, 0xfe], "not valid JSON"),
+            (env("tenant.created"), b"[1]".to_vec(), "not a JSON object"),
+            (
+                env("tenant.created"),
+                br#"{"tenant_name":"x"}"#.to_vec(),
+                "missing",
+            ),
+            (
+                env("tenant.created"),
+                br#"{"tenant_id":""}"#.to_vec(),
+                "empty",
+            ),
+            (
+                env("tenant.created"),
+                br#"{"tenant_id":"-bad"}"#.to_vec(),
+                "must match",
+            ),
+            (
+                env("tenant.created"),
+                br#"{"tenant_id":7}"#.to_vec(),
+                "must be a string",
+            ),
+            (env("tenant.created"), vec![b' '; MAX_BODY + 1], "64 KiB"),
+        ];
+        for (e, body, want) in cases {
+            let err = decode(&e, &body).expect_err("invalid").to_string();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn cloudevents_rules() {
+        let mut e = env("tenant.created");
+        e.content_type = Some("application/cloudevents+json");
+        for body in [
+            r#"{"specversion":"0.3","type":"tenant.created","id":"1","data":{"tenant_id":"a"}}"#,
+            r#"{"specversion":"1.0","type":"other","id":"1","data":{"tenant_id":"a"}}"#,
+            r#"{"specversion":"1.0","type":"tenant.created","data":{"tenant_id":"a"}}"#,
+            r#"{"specversion":"1.0","type":"tenant.created","id":"1"}"#,
+        ] {
+            assert!(
+                matches!(decode(&e, body.as_bytes()), Err(DecodeError::CloudEvent(_))),
+                "{body}"
+            );
+        }
+        e.content_type = Some("text/plain");
+        assert!(matches!(
+            decode(&e, b"{}"),
+            Err(DecodeError::ContentType(_))
+        ));
+    }
+
+    #[test]
+    fn traceparent_is_kept_only_when_well_formed() {
+        let mut e = env("tenant.created");
+        e.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert!(
+            decode(&e, br#"{"tenant_id":"a"}"#)
+                .expect("valid")
+                .traceparent
+                .is_some()
+        );
+        e.traceparent = Some("garbage");
+        assert!(
+            decode(&e, br#"{"tenant_id":"a"}"#)
+                .expect("valid")
+                .traceparent
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! Domain types that are parsed once at the edge, so the rest of the code never re-validates.
+
+mod container;
+mod request;
+mod tenant;
+mod token;
+
+pub use container::{ContainerName, NamingStrategy};
+pub use request::{MessageIdentity, ProvisionRequest, Trigger};
+pub use tenant::{TenantId, TenantName};
+pub use token::{TenantToken, TokenFingerprint};

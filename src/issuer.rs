@@ -1,0 +1,454 @@
+//! The webtask issue call (contract §4): one HTTP client, typed outcomes, and retries with
+//! exponential backoff and jitter inside a per-message budget.
+//!
+//! Only transient failures are retried here. A 401/403 is an [`IssuerError::Unauthorized`]
+//! that the caller turns into a paused consumer; another 4xx is [`IssuerError::Rejected`].
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{ExponentialBuilder, Retryable as _};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+use crate::domain::{ContainerName, TenantId, TenantToken};
+use crate::telemetry::metric;
+
+/// The longest issuer body kept in errors and dead letters.
+const MAX_BODY_SNIPPET: usize = 1024;
+
+/// How the issue call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IssuerError {
+    /// Connection error, timeout, 408, 429, 5xx, or a 200 without a token: try again later.
+    #[error("issuer unavailable: {message}")]
+    Transient {
+        /// What happened, without secrets.
+        message: String,
+        /// The HTTP status, when there was an answer.
+        status: Option<u16>,
+        /// The issuer's `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// 401 or 403: the master token is wrong or revoked. Nothing is wrong with the message.
+    #[error("issuer refused the master token (HTTP {status})")]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+    },
+    /// Any other 4xx: the request itself is refused and retrying will not help.
+    #[error("issuer rejected the request with HTTP {status}: {body}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (at most 1 KiB).
+        body: String,
+    },
+}
+
+impl IssuerError {
+    /// Whether another try may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient { .. })
+    }
+}
+
+/// Extra restrictions sent with every issue call, validated at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Restrictions {
+    fixed: Map<String, Value>,
+    /// `exp` as seconds from the moment of the call.
+    exp_in: Option<u64>,
+}
+
+impl Restrictions {
+    /// Parses `ISSUER_RESTRICTIONS`: a JSON object of webtask restrictions, e.g.
+    /// `{"dd":0,"exp":86400}` (`exp` and `nbf` in seconds from now). `ten` is the worker's.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        if json.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let v: Value = serde_json::from_str(json)
+            .map_err(|e| format!("ISSUER_RESTRICTIONS is not JSON: {e}"))?;
+        let Value::Object(obj) = v else {
+            return Err("ISSUER_RESTRICTIONS must be a JSON object".into());
+        };
+        let mut r = Self::default();
+        for (k, v) in obj {
+            let positive = v.as_u64().filter(|n| *n > 0);
+            match k.as_str() {
+                "ten" => {
+                    return Err(
+                        "ISSUER_RESTRICTIONS must not set `ten`: the worker sets it per tenant"
+                            .into(),
+                    );
+                }
+                "exp" => {
+                    r.exp_in = Some(
+                        positive.ok_or("`exp` must be a positive number of seconds from now")?,
+                    )
+                }
+                "dd" => {
+                    v.as_u64().ok_or("`dd` must be a non-negative integer")?;
+                    r.fixed.insert(k, v);
+                }
+                "pb" | "mb" => {
+                    if !matches!(v.as_u64(), Some(0 | 1)) {
+                        return Err(format!("`{k}` must be 0 or 1"));
+                    }
+                    r.fixed.insert(k, v);
+                }
+                "host" | "url" | "jtn" => {
+                    v.as_str().ok_or(format!("`{k}` must be a string"))?;
+                    r.fixed.insert(k, v);
+                }
+                "pctx" | "ectx" | "meta" => {
+                    if !v.is_object() {
+                        return Err(format!("`{k}` must be a JSON object"));
+                    }
+                    r.fixed.insert(k, v);
+                }
+                other => {
+                    return Err(format!(
+                        "unknown restriction `{other}` in ISSUER_RESTRICTIONS (known: dd, exp, pb, mb, host, url, jtn, pctx, ectx, meta)"
+                    ));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn body(&self, container: &ContainerName) -> Value {
+        let mut m = self.fixed.clone();
+        m.insert("ten".into(), Value::String(container.as_str().to_owned()));
+        if let Some(secs) = self.exp_in {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            m.insert("exp".into(), Value::from(now + secs));
+        }
+        Value::Object(m)
+    }
+}
+
+/// Retry settings for one message's issue call.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// First backoff delay.
+    pub min_delay: Duration,
+    /// Largest backoff delay.
+    pub max_delay: Duration,
+    /// Time one message may spend retrying before it is handed to delayed redelivery.
+    pub budget: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            budget: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Settings of the issuer client.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    /// Base URL; the call goes to `{url}/api/tokens/issue`.
+    pub url: String,
+    /// The platform's master token.
+    pub master_token: SecretString,
+    /// Extra restrictions.
+    pub restrictions: Restrictions,
+    /// Timeout of one HTTP request.
+    pub timeout: Duration,
+    /// Retries within one message.
+    pub retry: RetryPolicy,
+}
+
+/// The issuer client. Cheap to clone; one connection pool per process.
+#[derive(Clone)]
+pub struct IssuerClient {
+    http: reqwest::Client,
+    endpoint: String,
+    master: SecretString,
+    restrictions: Restrictions,
+    retry: RetryPolicy,
+}
+
+impl IssuerClient {
+    /// Builds the client; fails only on an unusable URL or TLS setup.
+    pub fn new(settings: IssuerSettings) -> Result<Self, String> {
+        let base = settings.url.trim_end_matches('/');
+        let endpoint = format!("{base}/api/tokens/issue");
+        reqwest::Url::parse(&endpoint).map_err(|e| format!("ISSUER_URL is not a URL: {e}"))?;
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("tenant-tokens/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            http,
+            endpoint,
+            master: settings.master_token,
+            restrictions: settings.restrictions,
+            retry: settings.retry,
+        })
+    }
+
+    /// The `Idempotency-Key` of a tenant's provisioning: derived from tenant and container,
+    /// so a retry after a crash asks for exactly the same thing.
+    pub fn idempotency_key(tenant: &TenantId, container: &ContainerName) -> String {
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, tenant.as_str().as_bytes());
+        sha2::Digest::update(&mut h, [0]);
+        sha2::Digest::update(&mut h, container.as_str().as_bytes());
+        format!("tt-{}", hex::encode(&sha2::Digest::finalize(h)[..16]))
+    }
+
+    /// Issues a token for `container`, retrying transient failures within the budget.
+    pub async fn issue(
+        &self,
+        tenant: &TenantId,
+        container: &ContainerName,
+    ) -> Result<TenantToken, IssuerError> {
+        let key = Self::idempotency_key(tenant, container);
+        let deadline = Instant::now() + self.retry.budget;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_jitter()
+            .without_max_times();
+        (|| self.issue_once(container, &key))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(IssuerError::is_transient)
+            .adjust(|e, next| {
+                let wait = match (e, next) {
+                    (
+                        IssuerError::Transient {
+                            retry_after: Some(ra),
+                            ..
+                        },
+                        Some(d),
+                    ) => (*ra).max(d),
+                    (_, d) => d?,
+                };
+                (Instant::now() + wait <= deadline).then_some(wait)
+            })
+            .notify(|e, wait| {
+                tracing::debug!(tenant = %tenant, error = %e, ?wait, "issue call failed, retrying");
+            })
+            .await
+    }
+
+    /// One HTTP request, classified.
+    pub async fn issue_once(
+        &self,
+        container: &ContainerName,
+        idempotency_key: &str,
+    ) -> Result<TenantToken, IssuerError> {
+        let started = Instant::now();
+        let result = self
+            .http
+            .post(&self.endpoint)
+            .bearer_auth(self.master.expose_secret())
+            .header("Idempotency-Key", idempotency_key)
+            .json(&self.restrictions.body(container))
+            .send()
+            .await;
+        let outcome = match result {
+            Err(e) => Err(IssuerError::Transient {
+                message: describe_transport(&e),
+                status: None,
+                retry_after: None,
+            }),
+            Ok(resp) => classify(resp).await,
+        };
+        metrics::histogram!(metric::ISSUER_DURATION).record(started.elapsed().as_secs_f64());
+        let status = match &outcome {
+            Ok(_) => "2xx",
+            Err(IssuerError::Unauthorized { .. } | IssuerError::Rejected { .. }) => "4xx",
+            Err(IssuerError::Transient {
+                status: Some(s), ..
+            }) => match s / 100 {
+                2 => "2xx",
+                4 => "4xx",
+                5 => "5xx",
+                _ => "error",
+            },
+            Err(IssuerError::Transient { status: None, .. }) => "error",
+        };
+        metrics::counter!(metric::ISSUER_REQUESTS, "status" => status).increment(1);
+        outcome
+    }
+}
+
+/// A transport error in words, without the URL's credentials (reqwest strips none by itself).
+fn describe_transport(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {detail}")
+    }
+}
+
+async fn classify(resp: reqwest::Response) -> Result<TenantToken, IssuerError> {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(3600)));
+    let body = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(IssuerError::Transient {
+                message: format!(
+                    "HTTP {} body unreadable: {}",
+                    status.as_u16(),
+                    describe_transport(&e)
+                ),
+                status: Some(status.as_u16()),
+                retry_after,
+            });
+        }
+    };
+    match status {
+        StatusCode::OK => token_from_body(&body).ok_or_else(|| IssuerError::Transient {
+            message: "HTTP 200 without a token in the body".into(),
+            status: Some(200),
+            retry_after: None,
+        }),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(IssuerError::Unauthorized {
+            status: status.as_u16(),
+        }),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
+            Err(IssuerError::Transient {
+                message: format!("HTTP {}", status.as_u16()),
+                status: Some(status.as_u16()),
+                retry_after,
+            })
+        }
+        s if s.is_client_error() => Err(IssuerError::Rejected {
+            status: s.as_u16(),
+            body: snippet(&body),
+        }),
+        s => Err(IssuerError::Transient {
+            message: format!("HTTP {}", s.as_u16()),
+            status: Some(s.as_u16()),
+            retry_after,
+        }),
+    }
+}
+
+/// The token of a 200 body: raw text, or a JSON object with a `token` string.
+fn token_from_body(body: &[u8]) -> Option<TenantToken> {
+    let text = std::str::from_utf8(body).ok()?.trim();
+    if text.starts_with('{') {
+        let v: Value = serde_json::from_str(text).ok()?;
+        return TenantToken::parse(v.get("token")?.as_str()?);
+    }
+    TenantToken::parse(text)
+}
+
+/// The start of a body as text, at most 1 KiB, on a character boundary.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_BODY_SNIPPET)]);
+    let mut s = text.into_owned();
+    while s.len() > MAX_BODY_SNIPPET {
+        s.pop();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restrictions_are_validated() {
+        assert!(Restrictions::parse("").is_ok());
+        assert!(Restrictions::parse(r#"{"dd":0,"exp":3600,"pb":1}"#).is_ok());
+        for bad in [
+            r#"{"ten":"x"}"#,
+            r#"{"exp":-1}"#,
+            r#"{"zzz":1}"#,
+            "[1]",
+            "{",
+            r#"{"pb":2}"#,
+        ] {
+            assert!(Restrictions::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exp_is_seconds_from_now() {
+        let r = Restrictions::parse(r#"{"exp":100,"dd":1}"#).expect("valid");
+        let body = r.body(&ContainerName::parse("c-1").expect("name"));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let exp = body["exp"].as_u64().expect("exp");
+        assert!((now + 99..=now + 101).contains(&exp));
+        assert_eq!(body["ten"], "c-1");
+        assert_eq!(body["dd"], 1);
+    }
+
+    #[test]
+    fn bodies_yield_tokens() {
+        assert_eq!(
+            token_from_body(b" a.b.c \n")
+                .map(|t| t.expose().to_owned())
+                .as_deref(),
+            Some("a.b.c")
+        );
+        assert_eq!(
+            token_from_body(br#"{"token":"x.y.z"}"#)
+                .map(|t| t.expose().to_owned())
+                .as_deref(),
+            Some("x.y.z")
+        );
+        assert!(token_from_body(b"").is_none());
+        assert!(token_from_body(br#"{"nope":1}"#).is_none());
+    }
+
+    #[test]
+    fn snippets_are_cut_to_a_kib() {
+        assert_eq!(snippet(&[b'a'; 5000]).len(), 1024);
+        assert_eq!(snippet("é".repeat(600).as_bytes()).len(), 1024);
+    }
+
+    #[test]
+    fn idempotency_keys_are_stable_per_tenant_and_container() {
+        let t = TenantId::parse("t").expect("id");
+        let c = ContainerName::parse("c").expect("name");
+        let d = ContainerName::parse("d").expect("name");
+        assert_eq!(
+            IssuerClient::idempotency_key(&t, &c),
+            IssuerClient::idempotency_key(&t, &c)
+        );
+        assert_ne!(
+            IssuerClient::idempotency_key(&t, &c),
+            IssuerClient::idempotency_key(&t, &d)
+        );
+    }
+}

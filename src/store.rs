@@ -1,0 +1,311 @@
+//! The Postgres store: tenants with their (encrypted) tokens, and handled requests with the
+//! ready event each one yields.
+//!
+//! # How a tenant gets exactly one token
+//!
+//! A token is written once and never changed, so a committed token can be read without a
+//! lock ([`provisioned`]). A tenant without one is *claimed* by [`claim`]: an upsert of its
+//! row that takes the row lock and keeps it until the transaction ends. The transaction then
+//! calls the issuer, stores the token ([`store_tokens`]) and commits. A second worker (another
+//! process, or a duplicate in flight) that claims the same tenant blocks on the row lock until
+//! the first commits, then finds the token and calls no issuer. If the first dies, Postgres
+//! ends its transaction and releases the lock, and the waiter issues instead (with the same
+//! `Idempotency-Key`, so a well-behaved issuer hands back the same token). Claims of a batch
+//! are taken in tenant-id order so two batches cannot deadlock on each other; a deadlock
+//! reported anyway is a retryable error.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions as _, PgConnection, PgPool, Postgres, Row as _};
+use time::OffsetDateTime;
+
+use crate::crypto::Sealed;
+
+/// A Postgres failure. Every one is retryable from the message's point of view: nothing is
+/// wrong with the message, the database is unavailable or busy.
+#[derive(Debug, thiserror::Error)]
+#[error("database: {0}")]
+pub struct StoreError(#[from] sqlx::Error);
+
+/// Pool and migrations.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// A tenant's row as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct TenantRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// Its container, fixed once stored.
+    pub container: String,
+    /// Set once the token is stored.
+    pub token: Option<StoredToken>,
+}
+
+/// What is stored of a token.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    /// Public fingerprint.
+    pub fingerprint: String,
+    /// When it was stored.
+    pub issued_at: OffsetDateTime,
+    /// The `jti` claim, when the token had one.
+    pub jti: Option<String>,
+    /// The ciphertext, when it was asked for.
+    pub sealed: Option<Sealed>,
+}
+
+/// A token to store for a claimed tenant.
+pub struct NewToken {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The encrypted token.
+    pub sealed: Sealed,
+    /// Its fingerprint.
+    pub fingerprint: String,
+    /// Its `jti`.
+    pub jti: Option<String>,
+}
+
+/// A handled request to record.
+pub struct NewRequest {
+    /// Message identity.
+    pub request_id: String,
+    /// The tenant.
+    pub tenant_id: String,
+    /// The event's id.
+    pub event_id: uuid::Uuid,
+    /// The ready event, serialized exactly as it is published (without any token).
+    pub event: String,
+}
+
+impl Store {
+    /// Connects, creating the database if it does not exist. Does not migrate.
+    pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        if !Postgres::database_exists(url).await? {
+            match Postgres::create_database(url).await {
+                Ok(()) => tracing::info!("created the database"),
+                // Another replica created it first.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("tenant-tokens")
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies the SQL files of `migrations/` (under an advisory lock, safe with replicas).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError(e.into()))
+    }
+
+    /// The pool, for transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// A tenant's row with its ciphertext (`token show`).
+    pub async fn tenant(&self, tenant_id: &str) -> Result<Option<TenantRow>, StoreError> {
+        let rows = provisioned_or_not(
+            &mut *self.pool.acquire().await?,
+            &[tenant_id.to_owned()],
+            true,
+            false,
+        )
+        .await?;
+        Ok(rows.into_values().next())
+    }
+}
+
+/// Stored events of requests already handled, by request id.
+pub async fn known_requests(
+    tx: &mut PgConnection,
+    ids: &[String],
+) -> Result<HashMap<String, String>, StoreError> {
+    let rows = sqlx::query("SELECT request_id, event FROM requests WHERE request_id = ANY($1)")
+        .bind(ids)
+        .fetch_all(tx)
+        .await?;
+    rows.into_iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Tenants among `ids` whose token is committed. No lock: a token never changes.
+pub async fn provisioned(
+    tx: &mut PgConnection,
+    ids: &[String],
+    with_ciphertext: bool,
+) -> Result<HashMap<String, TenantRow>, StoreError> {
+    provisioned_or_not(tx, ids, with_ciphertext, true).await
+}
+
+async fn provisioned_or_not(
+    tx: &mut PgConnection,
+    ids: &[String],
+    with_ciphertext: bool,
+    only_provisioned: bool,
+) -> Result<HashMap<String, TenantRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT tenant_id, container, token_fingerprint, issued_at, jti,
+                CASE WHEN $2 THEN token_ciphertext END, key_id
+           FROM tenants
+          WHERE tenant_id = ANY($1) AND (issued_at IS NOT NULL OR NOT $3)",
+    )
+    .bind(ids)
+    .bind(with_ciphertext)
+    .bind(only_provisioned)
+    .fetch_all(tx)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            let row = row_from(&r)?;
+            Ok((row.tenant_id.clone(), row))
+        })
+        .collect()
+}
+
+fn row_from(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
+    let fingerprint: Option<String> = r.try_get(2)?;
+    let issued_at: Option<OffsetDateTime> = r.try_get(3)?;
+    let blob: Option<Vec<u8>> = r.try_get(5)?;
+    let key_id: Option<String> = r.try_get(6)?;
+    let token = match (fingerprint, issued_at) {
+        (Some(fingerprint), Some(issued_at)) => Some(StoredToken {
+            fingerprint,
+            issued_at,
+            jti: r.try_get(4)?,
+            sealed: blob
+                .zip(key_id)
+                .map(|(blob, key_id)| Sealed { key_id, blob }),
+        }),
+        _ => None,
+    };
+    Ok(TenantRow {
+        tenant_id: r.try_get(0)?,
+        container: r.try_get(1)?,
+        token,
+    })
+}
+
+/// Claims tenants: inserts missing rows with the proposed container and locks every row until
+/// the transaction ends. Returns the rows as stored (an existing container wins; a token that
+/// another worker committed meanwhile is returned, and then no issue call is needed).
+pub async fn claim(
+    tx: &mut PgConnection,
+    claims: &[(String, String, Option<String>)],
+    with_ciphertext: bool,
+) -> Result<Vec<TenantRow>, StoreError> {
+    let mut sorted: Vec<&(String, String, Option<String>)> = claims.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let ids: Vec<&str> = sorted.iter().map(|c| c.0.as_str()).collect();
+    let containers: Vec<&str> = sorted.iter().map(|c| c.1.as_str()).collect();
+    let names: Vec<Option<&str>> = sorted.iter().map(|c| c.2.as_deref()).collect();
+    let rows = sqlx::query(
+        "INSERT INTO tenants (tenant_id, container, tenant_name)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1
+         ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
+         RETURNING tenant_id, container, token_fingerprint, issued_at, jti,
+                   CASE WHEN $4 THEN token_ciphertext END, key_id",
+    )
+    .bind(&ids)
+    .bind(&containers)
+    .bind(&names)
+    .bind(with_ciphertext)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.iter().map(row_from).collect::<Result<_, _>>()?)
+}
+
+/// Stores tokens of claimed tenants; returns the stored time of each.
+pub async fn store_tokens(
+    tx: &mut PgConnection,
+    tokens: &[NewToken],
+) -> Result<HashMap<String, OffsetDateTime>, StoreError> {
+    if tokens.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<&str> = tokens.iter().map(|t| t.tenant_id.as_str()).collect();
+    let blobs: Vec<&[u8]> = tokens.iter().map(|t| t.sealed.blob.as_slice()).collect();
+    let keys: Vec<&str> = tokens.iter().map(|t| t.sealed.key_id.as_str()).collect();
+    let fps: Vec<&str> = tokens.iter().map(|t| t.fingerprint.as_str()).collect();
+    let jtis: Vec<Option<&str>> = tokens.iter().map(|t| t.jti.as_deref()).collect();
+    let rows = sqlx::query(
+        "UPDATE tenants t
+            SET token_ciphertext = u.blob, key_id = u.key_id, token_fingerprint = u.fp,
+                jti = u.jti, issued_at = now()
+           FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
+                AS u(tenant_id, blob, key_id, fp, jti)
+          WHERE t.tenant_id = u.tenant_id AND t.issued_at IS NULL
+          RETURNING t.tenant_id, t.issued_at",
+    )
+    .bind(&ids)
+    .bind(&blobs)
+    .bind(&keys)
+    .bind(&fps)
+    .bind(&jtis)
+    .fetch_all(tx)
+    .await?;
+    rows.into_iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Records handled requests with their events. Returns the stored event of every request
+/// whose id was already recorded (by a concurrent worker), which then wins.
+pub async fn record_requests(
+    tx: &mut PgConnection,
+    requests: &[NewRequest],
+) -> Result<HashMap<String, String>, StoreError> {
+    if requests.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let tenants: Vec<&str> = requests.iter().map(|r| r.tenant_id.as_str()).collect();
+    let event_ids: Vec<uuid::Uuid> = requests.iter().map(|r| r.event_id).collect();
+    let events: Vec<&str> = requests.iter().map(|r| r.event.as_str()).collect();
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO requests (request_id, tenant_id, event_id, event)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
+         ON CONFLICT (request_id) DO NOTHING
+         RETURNING request_id",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&event_ids)
+    .bind(&events)
+    .fetch_all(&mut *tx)
+    .await?;
+    if inserted.len() == requests.len() {
+        return Ok(HashMap::new());
+    }
+    let lost: Vec<String> = ids
+        .iter()
+        .filter(|id| !inserted.iter().any(|i| i == *id))
+        .map(|s| (*s).to_owned())
+        .collect();
+    known_requests(tx, &lost).await
+}

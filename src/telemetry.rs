@@ -1,0 +1,116 @@
+//! Logs (tracing, JSON or pretty) and metrics (Prometheus text at `/metrics`).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Stable metric names of contract §8 (dashboards and alerts depend on them).
+pub mod metric {
+    /// Deliveries taken from the requests queue, by `routing_key`.
+    pub const DELIVERIES: &str = "tenant_tokens_deliveries_total";
+    /// What became of requests, by `outcome`.
+    pub const OUTCOMES: &str = "tenant_tokens_outcomes_total";
+    /// Issue calls, by `status` class.
+    pub const ISSUER_REQUESTS: &str = "tenant_tokens_issuer_requests_total";
+    /// Issue call latency.
+    pub const ISSUER_DURATION: &str = "tenant_tokens_issuer_request_duration_seconds";
+    /// Time from delivery to ack.
+    pub const HANDLE_DURATION: &str = "tenant_tokens_handle_duration_seconds";
+    /// Deliveries being handled.
+    pub const IN_FLIGHT: &str = "tenant_tokens_in_flight";
+    /// 1 while consumption is paused by the issuer breaker.
+    pub const BREAKER_OPEN: &str = "tenant_tokens_breaker_open";
+    /// Messages in `tenant-tokens.dead`.
+    pub const DEAD_LETTERS: &str = "tenant_tokens_dead_letters";
+    /// Tokens stored.
+    pub const TOKENS_ISSUED: &str = "tenant_tokens_tokens_issued_total";
+    /// Batches handled, by size (extra: shows how well batching works).
+    pub const BATCH_SIZE: &str = "tenant_tokens_batch_size";
+}
+
+/// How logs are written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line, for log pipelines.
+    #[default]
+    Json,
+    /// Human-readable, for terminals.
+    Pretty,
+}
+
+/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
+/// Logs go to stderr so that command output on stdout stays clean.
+pub fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry
+            .with(fmt::layer().compact().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    // Already installed (tests, or the demo's worker inside the demo's process): keep it.
+    let _ = result;
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(metric::BATCH_SIZE.into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                )
+            });
+        match builder.map(PrometheusBuilder::build_recorder) {
+            Ok(recorder) => {
+                let handle = recorder.handle();
+                // Fails only if another recorder is installed; then ours just stays empty.
+                let _ = metrics::set_global_recorder(recorder);
+                handle
+            }
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        }
+    })
+}
+
+/// Registers every contract metric with a zero value, so dashboards see them from the start.
+pub fn describe_metrics() {
+    metrics_handle();
+    for key in ["tenant.created", "extension.requested"] {
+        metrics::counter!(metric::DELIVERIES, "routing_key" => key).increment(0);
+    }
+    for o in [
+        "provisioned",
+        "existing",
+        "invalid",
+        "rejected",
+        "exhausted",
+        "retried",
+    ] {
+        metrics::counter!(metric::OUTCOMES, "outcome" => o).increment(0);
+    }
+    for s in ["2xx", "4xx", "5xx", "error"] {
+        metrics::counter!(metric::ISSUER_REQUESTS, "status" => s).increment(0);
+    }
+    metrics::counter!(metric::TOKENS_ISSUED).increment(0);
+    metrics::gauge!(metric::IN_FLIGHT).set(0.0);
+    metrics::gauge!(metric::BREAKER_OPEN).set(0.0);
+}
