@@ -1,0 +1,527 @@
+//! The core pipeline on the real RabbitMQ and Postgres, the issuer stood in by wiremock.
+
+mod support;
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use support::{Collector, Producer, TestEnv, fake_jwt, tenant};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Answers like the issuer: a JWT for the requested container, a new `jti` each call.
+struct Issue {
+    delay: Duration,
+}
+
+impl Respond for Issue {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        let ten = body["ten"].as_str().unwrap_or("missing");
+        let jti = uuid::Uuid::new_v4().simple().to_string();
+        ResponseTemplate::new(200)
+            .set_body_string(format!("{}\n", fake_jwt(ten, &jti)))
+            .set_delay(self.delay)
+    }
+}
+
+async fn issuer(delay: Duration) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/tokens/issue"))
+        .and(header(
+            "authorization",
+            format!("Bearer {}", support::MASTER_TOKEN).as_str(),
+        ))
+        .respond_with(Issue { delay })
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn issue_calls(server: &MockServer) -> Vec<Request> {
+    server.received_requests().await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_created_yields_one_stored_token_and_a_ready_event() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("acme");
+
+    let mut h = FieldTable::default();
+    h.insert(
+        "traceparent".into(),
+        AMQPValue::LongString("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    );
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("msg-created-1".into())
+        .with_correlation_id("corr-77".into())
+        .with_headers(h);
+    let body = json!({"tenant_id": t, "tenant_name": "Acme Corp"}).to_string();
+    producer
+        .publish("tenant.created", body.as_bytes(), props)
+        .await;
+
+    let got = events.wait_for(1, WAIT).await;
+    let ev = got[0].json();
+    assert_eq!(ev["tenant_id"], t.as_str());
+    assert_eq!(ev["newly_issued"], true);
+    assert_eq!(ev["trigger"], "tenant.created");
+    assert_eq!(ev["correlation_id"], "msg-created-1");
+    assert!(
+        ev["container"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("acme-corp-"))
+    );
+    assert!(
+        ev.get("token").is_none(),
+        "no token in the event by default"
+    );
+    let event_id = ev["event_id"].as_str().expect("event id");
+    assert_eq!(
+        uuid::Uuid::parse_str(event_id)
+            .expect("uuid")
+            .get_version_num(),
+        5
+    );
+    assert_eq!(
+        got[0]
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some(event_id)
+    );
+    assert_eq!(
+        got[0]
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some("msg-created-1")
+    );
+    assert_eq!(
+        got[0]
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(got[0].properties.delivery_mode(), &Some(2));
+    assert_eq!(
+        got[0].header("x-request-correlation-id").as_deref(),
+        Some("corr-77")
+    );
+    assert!(
+        got[0]
+            .header("traceparent")
+            .is_some_and(|tp| tp.contains("4bf92f3577b34da6a3ce929d0e0e4736"))
+    );
+
+    // Exactly one issue call, with the contract's headers and body.
+    let calls = issue_calls(&issuer).await;
+    assert_eq!(calls.len(), 1);
+    let call: serde_json::Value = serde_json::from_slice(&calls[0].body).expect("json body");
+    assert_eq!(call["ten"], ev["container"]);
+    assert!(calls[0].headers.get("idempotency-key").is_some());
+
+    // The stored token matches the event's fingerprint, and is not stored in plain text.
+    let mut db = env.db().await;
+    let dump: String = sqlx::query_scalar("SELECT string_agg(t::text, '|') FROM tenants t")
+        .fetch_one(&mut db)
+        .await
+        .expect("dump");
+    let token_payload_part = fake_jwt(ev["container"].as_str().unwrap_or_default(), "x");
+    let header_part = token_payload_part.split('.').next().unwrap_or_default();
+    assert!(
+        !dump.contains(header_part),
+        "token must not be stored in plain text"
+    );
+    let fp: String =
+        sqlx::query_scalar("SELECT token_fingerprint FROM tenants WHERE tenant_id = $1")
+            .bind(&t)
+            .fetch_one(&mut db)
+            .await
+            .expect("row");
+    assert_eq!(ev["token_fingerprint"], fp.as_str());
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_requested_for_a_provisioned_tenant_is_answered_from_postgres() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("lazy");
+
+    // Lazy provisioning first (no tenant.created ever), then a second request.
+    producer
+        .request(
+            "extension.requested",
+            json!({"tenant_id": t, "extension_id": "ext-1"}),
+            Some("r1"),
+        )
+        .await;
+    events.wait_for(1, WAIT).await;
+    producer
+        .request(
+            "extension.requested",
+            json!({"tenant_id": t, "extension_id": "ext-2"}),
+            Some("r2"),
+        )
+        .await;
+    let got = events.wait_for(2, WAIT).await;
+
+    let first = got[0].json();
+    let second = got[1].json();
+    assert_eq!(first["newly_issued"], true);
+    assert_eq!(first["trigger"], "extension.requested");
+    assert_eq!(second["newly_issued"], false);
+    assert_eq!(second["container"], first["container"]);
+    assert_eq!(second["token_fingerprint"], first["token_fingerprint"]);
+    assert_eq!(second["issued_at"], first["issued_at"]);
+    assert_ne!(second["event_id"], first["event_id"]);
+    assert_eq!(
+        issue_calls(&issuer).await.len(),
+        1,
+        "the second request made no issue call"
+    );
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_duplicates_on_two_workers_make_one_issue_call() {
+    let env = TestEnv::new().await;
+    // A slow issuer widens the window in which duplicates race.
+    let issuer = issuer(Duration::from_millis(300)).await;
+    let events = Collector::ready_events(&env).await;
+    let a = env
+        .start_worker(&issuer.uri(), &["--concurrency", "10"])
+        .await;
+    let b = env
+        .start_worker(&issuer.uri(), &["--concurrency", "10"])
+        .await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("dup");
+
+    for i in 0..20 {
+        producer
+            .request(
+                "tenant.created",
+                json!({"tenant_id": t, "tenant_name": "Dup"}),
+                Some(&format!("dup-{i}")),
+            )
+            .await;
+    }
+    let got = events.wait_for(20, WAIT).await;
+    assert_eq!(
+        issue_calls(&issuer).await.len(),
+        1,
+        "exactly one issue call"
+    );
+    let newly = got
+        .iter()
+        .filter(|r| r.json()["newly_issued"] == true)
+        .count();
+    assert_eq!(newly, 1, "exactly one request reports newly_issued");
+    let fps: std::collections::HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["token_fingerprint"].to_string())
+        .collect();
+    assert_eq!(fps.len(), 1, "one token");
+    let mut db = env.db().await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tenants WHERE tenant_id = $1 AND issued_at IS NOT NULL",
+    )
+    .bind(&t)
+    .fetch_one(&mut db)
+    .await
+    .expect("count");
+    assert_eq!(n, 1);
+
+    a.stop().await;
+    b.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_yields_the_same_event() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("same");
+
+    // The same message twice, and the same message without a message_id twice (digest identity).
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("same-1"))
+        .await;
+    events.wait_for(1, WAIT).await;
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("same-1"))
+        .await;
+    let got = events.wait_for(2, WAIT).await;
+    assert_eq!(
+        got[0].json(),
+        got[1].json(),
+        "byte-identical event, newly_issued included"
+    );
+    assert_eq!(got[1].json()["newly_issued"], true);
+
+    let body = json!({"tenant_id": t, "tenant_name": "x"}).to_string();
+    producer
+        .publish(
+            "extension.requested",
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    producer
+        .publish(
+            "extension.requested",
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let got = events.wait_for(4, WAIT).await;
+    assert_eq!(got[2].json()["event_id"], got[3].json()["event_id"]);
+    assert_eq!(got[2].json()["newly_issued"], false);
+    assert_eq!(issue_calls(&issuer).await.len(), 1);
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_structured_mode_is_accepted() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("ce");
+    let body = json!({
+        "specversion": "1.0", "type": "tenant.created", "id": "ce-42", "source": "/tenants",
+        "data": {"tenant_id": t, "tenant_name": "Cloud Events"}
+    })
+    .to_string();
+    let props = BasicProperties::default().with_content_type("application/cloudevents+json".into());
+    producer
+        .publish("tenant.created", body.as_bytes(), props)
+        .await;
+    let got = events.wait_for(1, WAIT).await;
+    let ev = got[0].json();
+    assert_eq!(ev["tenant_id"], t.as_str());
+    assert_eq!(ev["correlation_id"], "ce-42");
+    assert!(
+        ev["container"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("cloud-events-"))
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_dead_lettered_while_good_messages_go_on() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let dead = Collector::dead_letters(&env).await;
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+
+    // Bind an unknown routing key to the requests queue so it reaches the worker.
+    let conn = env.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_bind(
+        "tenant-tokens.requests".into(),
+        "tenant.events".into(),
+        "tenant.deleted".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+
+    let json_props = |id: &str| {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(id.into())
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("tenant.created", b"this is not json".to_vec(), "bad-json"),
+        ("tenant.created", vec![b'{'; 70 * 1024], "too-big"),
+        (
+            "tenant.created",
+            br#"{"tenant_name":"no id"}"#.to_vec(),
+            "no-tenant",
+        ),
+        (
+            "tenant.created",
+            br#"{"tenant_id":"-bad id-"}"#.to_vec(),
+            "bad-tenant",
+        ),
+        (
+            "tenant.deleted",
+            br#"{"tenant_id":"fine"}"#.to_vec(),
+            "unknown-key",
+        ),
+    ];
+    let good = tenant("good");
+    for (i, (key, body, id)) in cases.iter().enumerate() {
+        producer.publish(key, body, json_props(id)).await;
+        producer
+            .request(
+                "tenant.created",
+                json!({"tenant_id": format!("{good}-{i}")}),
+                None,
+            )
+            .await;
+    }
+
+    let dls = dead.wait_for(cases.len(), WAIT).await;
+    let evs = events.wait_for(cases.len(), WAIT).await;
+    assert_eq!(evs.len(), cases.len());
+    for (key, body, id) in &cases {
+        let dl = dls
+            .iter()
+            .find(|d| d.properties.message_id().as_ref().map(|m| m.as_str()) == Some(*id))
+            .unwrap_or_else(|| panic!("dead letter for {id}"));
+        assert_eq!(
+            dl.header("x-tt-error-kind").as_deref(),
+            Some("invalid"),
+            "{id}"
+        );
+        assert_eq!(
+            dl.header("x-tt-original-routing-key").as_deref(),
+            Some(*key),
+            "{id}"
+        );
+        assert_eq!(dl.header_u32("x-tt-attempts"), Some(0), "{id}");
+        let err = dl.header("x-tt-error").unwrap_or_default();
+        assert!(!err.is_empty() && err.len() <= 1024, "{id}: {err}");
+        let failed_at = dl.header("x-tt-failed-at").unwrap_or_default();
+        assert!(
+            time::OffsetDateTime::parse(&failed_at, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "{failed_at}"
+        );
+        assert_eq!(&dl.body, body, "{id}: original body kept");
+        assert_eq!(dl.routing_key, *key);
+    }
+    let too_big = dls
+        .iter()
+        .find(|d| d.properties.message_id().as_ref().map(|m| m.as_str()) == Some("too-big"));
+    assert!(
+        too_big
+            .and_then(|d| d.header("x-tt-error"))
+            .is_some_and(|e| e.contains("64 KiB"))
+    );
+    assert_eq!(
+        issue_calls(&issuer).await.len(),
+        cases.len(),
+        "only the good ones were issued"
+    );
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_show_reveals_the_issued_token_only_when_asked() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let args = env.run_args(&issuer.uri(), &[]);
+    let key = args.key.token_encryption_key.clone().expect("key");
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("show");
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), None)
+        .await;
+    let ev = events.wait_for(1, WAIT).await[0].json();
+    worker.stop().await;
+
+    let issued = issue_calls(&issuer).await;
+    assert_eq!(issued.len(), 1);
+    let bin = env!("CARGO_BIN_EXE_tenant-tokens");
+    let run = |args: &[&str], with_key: bool| {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(args)
+            .env("DATABASE_URL", &env.database_url)
+            .env_remove("TOKEN_ENCRYPTION_KEY")
+            .env_remove("TOKEN_ENCRYPTION_KEY_FILE");
+        if with_key {
+            cmd.env("TOKEN_ENCRYPTION_KEY", &key);
+        }
+        cmd.output().expect("run tenant-tokens")
+    };
+
+    let hidden = run(&["token", "show", &t, "--json"], true);
+    assert!(
+        hidden.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hidden.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&hidden.stdout).expect("json");
+    assert_eq!(v["tenant_id"], t.as_str());
+    assert_eq!(v["container"], ev["container"]);
+    assert_eq!(v["token_fingerprint"], ev["token_fingerprint"]);
+    assert!(v.get("token").is_none());
+
+    let shown = run(&["token", "show", &t, "--reveal", "--json"], true);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("json");
+    let token = v["token"].as_str().expect("token");
+    assert_eq!(token.split('.').count(), 3);
+    let payload = token.split('.').nth(1).expect("payload");
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("b64"),
+    )
+    .expect("claims");
+    assert_eq!(claims["ten"], ev["container"]);
+
+    let text = run(&["token", "show", &t], true);
+    assert!(text.status.success());
+    assert!(
+        !String::from_utf8_lossy(&text.stdout).contains(token),
+        "hidden without --reveal"
+    );
+
+    let missing = run(&["token", "show", "no-such-tenant"], true);
+    assert_eq!(missing.status.code(), Some(3));
+    let no_key = run(&["token", "show", &t, "--reveal"], false);
+    assert_eq!(no_key.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_key.stderr).contains("keygen"));
+
+    env.cleanup().await;
+}
