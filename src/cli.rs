@@ -41,6 +41,17 @@ pub enum Command {
     /// Stored tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Inspect, replay and purge dead letters in tenant-tokens.dead.
+    Dlq {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(subcommand)]
+        command: crate::dlq::DlqCommand,
+    },
+    /// A local stand-in for the webtask issuer, with latency and failure injection.
+    StubIssuer(crate::stub_issuer::StubArgs),
+    /// The whole flow on this machine with the stub issuer, with progress and a summary.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// `migrate`.
@@ -155,6 +166,21 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }) => {
             telemetry::init_tracing(cli.log_format, "warn");
             token_show(&tenant, reveal, json, &database, &key).await
+        }
+        Command::Dlq { broker, command } => {
+            telemetry::init_tracing(cli.log_format, "warn");
+            let mut out = std::io::stdout();
+            let code = crate::dlq::run(command, &broker.amqp_url, &mut out).await?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::StubIssuer(args) => {
+            telemetry::init_tracing(cli.log_format, "info");
+            crate::stub_issuer::run(args).await?;
+            Ok(0)
+        }
+        Command::Demo(args) => {
+            telemetry::init_tracing(cli.log_format, "warn");
+            Ok(if crate::demo::run(args).await? { 0 } else { 1 })
         }
     }
 }

@@ -1,0 +1,348 @@
+//! `tenant-tokens demo`: the whole flow on this machine — migrations and topology, the stub
+//! issuer in-process, the worker in-process, a few hundred requests (some for the same
+//! tenants, some duplicated), progress while they are handled, and a summary.
+//!
+//! Every run uses fresh tenant ids, so runs never disturb each other or earlier state.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use rand::Rng as _;
+use rand::seq::SliceRandom as _;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, topology};
+use crate::configuration::{BrokerArgs, DatabaseArgs, RunArgs};
+use crate::crypto::EncryptionKey;
+use crate::health::Health;
+use crate::stub_issuer::{StubConfig, StubIssuer};
+use crate::worker::Worker;
+
+/// `demo` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// New tenants (one `tenant.created` each).
+    #[arg(long, default_value_t = 300)]
+    tenants: usize,
+    /// Extra copies of some `tenant.created` messages (same message id: redeliveries).
+    #[arg(long, default_value_t = 40)]
+    duplicates: usize,
+    /// `extension.requested` for tenants of this run (some before their `tenant.created`).
+    #[arg(long, default_value_t = 150)]
+    extension_requests: usize,
+    /// Latency of the stub issuer.
+    #[arg(long, default_value_t = 5)]
+    issuer_latency_ms: u64,
+    /// Messages handled at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: u16,
+    /// Give up waiting after this long.
+    #[arg(long, default_value = "120s", value_parser = crate::configuration::parse_duration)]
+    timeout: Duration,
+}
+
+struct Request {
+    key: &'static str,
+    tenant: String,
+    message_id: String,
+    body: String,
+}
+
+/// Runs the demo; `Ok(true)` when every check of the summary held.
+pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let mut out = std::io::stdout();
+    writeln!(out, "tenant-tokens demo, run {run_id}")?;
+    writeln!(out, "  broker   {}", broker::redact(&args.broker.amqp_url))?;
+    writeln!(
+        out,
+        "  database {}",
+        broker::redact(&args.database.database_url)
+    )?;
+
+    // 1. The stub issuer, in this process.
+    let master = format!("demo-master-{}", uuid::Uuid::new_v4().simple());
+    let mut stub_cfg = StubConfig::new(SecretString::from(master.clone()));
+    stub_cfg.latency = Duration::from_millis(args.issuer_latency_ms);
+    let stub = StubIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), stub_cfg).await?;
+    writeln!(
+        out,
+        "  issuer   {} (stub, {} ms latency)",
+        stub.url(),
+        args.issuer_latency_ms
+    )?;
+
+    // 2. The worker, in this process (it migrates and declares the topology).
+    let key =
+        std::env::var("TOKEN_ENCRYPTION_KEY").unwrap_or_else(|_| EncryptionKey::generate_base64());
+    let run_args = {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        W::try_parse_from([
+            "demo".to_owned(),
+            format!("--amqp-url={}", args.broker.amqp_url),
+            format!("--database-url={}", args.database.database_url),
+            format!("--issuer-url={}", stub.url()),
+            format!("--issuer-master-token={master}"),
+            format!("--token-encryption-key={key}"),
+            format!("--concurrency={}", args.concurrency),
+            "--ops-addr=127.0.0.1:0".to_owned(),
+        ])?
+        .run
+    };
+    let settings = run_args.into_settings()?;
+    let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    let worker = Worker::build(settings, health.clone(), shutdown.clone())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("stopped before start"))?;
+    let worker_task = tokio::spawn(worker.run());
+    let ready_by = Instant::now() + Duration::from_secs(20);
+    while !health.not_ready_reasons().is_empty() {
+        if Instant::now() > ready_by {
+            anyhow::bail!("worker not ready: {:?}", health.not_ready_reasons());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writeln!(out, "  worker   consuming {}\n", topology::REQUESTS_QUEUE)?;
+
+    // 3. A collector for ready events, bound before anything is published.
+    let conn = broker::connect(&args.broker.amqp_url, "tenant-tokens demo").await?;
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        topology::EVENTS_EXCHANGE.into(),
+        topology::TOKEN_READY.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "demo-collector".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = events.clone();
+    let prefix = format!("demo-{run_id}-");
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let ours = serde_json::from_slice::<serde_json::Value>(&d.data)
+                .ok()
+                .filter(|v| {
+                    v["tenant_id"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with(&prefix))
+                });
+            if let (Some(v), Ok(mut e)) = (ours, sink.lock()) {
+                e.push(v);
+            }
+        }
+    });
+
+    // 4. The requests: tenant.created for each tenant, duplicates, extension requests.
+    let mut rng = rand::rng();
+    let tenants: Vec<String> = (0..args.tenants)
+        .map(|i| format!("demo-{run_id}-{i:05}"))
+        .collect();
+    let mut reqs: Vec<Request> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Request {
+            key: topology::TENANT_CREATED,
+            tenant: t.clone(),
+            message_id: format!("{t}-created"),
+            body: serde_json::json!({"tenant_id": t, "tenant_name": format!("Demo Customer {i} of {run_id}")}).to_string(),
+        })
+        .collect();
+    for _ in 0..args.duplicates.min(args.tenants) {
+        let i = rng.random_range(0..reqs.len().max(1));
+        if let Some(r) = reqs.get(i) {
+            let dup = Request {
+                key: r.key,
+                tenant: r.tenant.clone(),
+                message_id: r.message_id.clone(),
+                body: r.body.clone(),
+            };
+            reqs.push(dup);
+        }
+    }
+    for n in 0..args.extension_requests {
+        if tenants.is_empty() {
+            break;
+        }
+        let t = &tenants[rng.random_range(0..tenants.len())];
+        reqs.push(Request {
+            key: topology::EXTENSION_REQUESTED,
+            tenant: t.clone(),
+            message_id: format!("{t}-ext-{n}"),
+            body: serde_json::json!({"tenant_id": t, "extension_id": format!("ext-{n}")})
+                .to_string(),
+        });
+    }
+    reqs.shuffle(&mut rng);
+    let total = reqs.len();
+    let tenant_set: HashSet<&str> = reqs.iter().map(|r| r.tenant.as_str()).collect();
+    writeln!(
+        out,
+        "publishing {total} requests for {} tenants ({} tenant.created, {} duplicates, {} extension.requested)",
+        tenant_set.len(),
+        args.tenants,
+        args.duplicates.min(args.tenants),
+        args.extension_requests
+    )?;
+
+    let started = Instant::now();
+    let pch = conn.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut confirms = Vec::with_capacity(total);
+    for r in &reqs {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(r.message_id.as_str().into());
+        confirms.push(
+            pch.basic_publish(
+                topology::EVENTS_EXCHANGE.into(),
+                r.key.into(),
+                BasicPublishOptions::default(),
+                r.body.as_bytes(),
+                props,
+            )
+            .await?,
+        );
+    }
+    for c in confirms {
+        if !c.await?.is_ack() {
+            anyhow::bail!("the broker refused a demo request");
+        }
+    }
+
+    // 5. Progress until every request has its ready event.
+    let deadline = started + args.timeout;
+    loop {
+        let seen = events.lock().map(|e| e.len()).unwrap_or(0);
+        write!(
+            out,
+            "\r  ready events {seen:>5}/{total}  ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        )?;
+        out.flush()?;
+        if seen >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let elapsed = started.elapsed();
+    writeln!(out)?;
+
+    shutdown.cancel();
+    let _ = worker_task.await;
+    let stats = stub.stats();
+    stub.shutdown().await;
+    let _ = conn.close(200, "demo done".into()).await;
+
+    // 6. Summary and checks.
+    let events = events.lock().map(|e| e.clone()).unwrap_or_default();
+    // Redeliveries repeat their event (same event_id), so count distinct requests.
+    let mut newly: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut fingerprints: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for e in &events {
+        let t = e["tenant_id"].as_str().unwrap_or_default();
+        if e["newly_issued"] == true {
+            newly
+                .entry(t)
+                .or_default()
+                .insert(e["event_id"].as_str().unwrap_or_default());
+        }
+        fingerprints
+            .entry(t)
+            .or_default()
+            .insert(e["token_fingerprint"].as_str().unwrap_or_default());
+    }
+    let provisioned = newly.len();
+    let one_token_each = fingerprints.values().all(|f| f.len() == 1);
+    let one_newly_each =
+        newly.values().all(|ids| ids.len() == 1) && provisioned == tenant_set.len();
+    let all_events = events.len() >= total;
+    let calls_match = stats.issued as usize == tenant_set.len();
+    let rate = events.len() as f64 / elapsed.as_secs_f64().max(1e-9);
+    writeln!(out, "\nsummary")?;
+    writeln!(out, "  requests published     {total}")?;
+    writeln!(
+        out,
+        "  ready events seen      {} {}",
+        events.len(),
+        mark(all_events)
+    )?;
+    writeln!(
+        out,
+        "  tenants provisioned    {provisioned} of {} {}",
+        tenant_set.len(),
+        mark(one_newly_each)
+    )?;
+    writeln!(
+        out,
+        "  issue calls made       {} (tokens minted {}) {}",
+        stats.requests,
+        stats.issued,
+        mark(calls_match)
+    )?;
+    writeln!(out, "  one token per tenant   {}", mark(one_token_each))?;
+    writeln!(
+        out,
+        "  elapsed                {:.2} s ({rate:.0} events/s)",
+        elapsed.as_secs_f64()
+    )?;
+    let ok = all_events && one_newly_each && one_token_each && calls_match;
+    writeln!(
+        out,
+        "\n{}",
+        if ok {
+            "demo OK"
+        } else {
+            "demo FAILED: see the marks above"
+        }
+    )?;
+    Ok(ok)
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "✓" } else { "✗" }
+}

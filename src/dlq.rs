@@ -1,0 +1,1624 @@
+//! `tenant-tokens dlq list / show / replay / purge`: the operator's view of
+//! `tenant-tokens.dead` (contract §2 and §9).
+//!
+//! # Reading the queue without disturbing it
+//!
+//! AMQP has no "peek". The dead-letter queue is a quorum queue, and on RabbitMQ 3.10 both
+//! `basic.get` + requeue and a multiple-nack put messages back in a different order. So every
+//! command *browses*: it consumes with manual acknowledgement and a prefetch as large as the
+//! queue's message count (read with a passive `queue.declare` first), takes deliveries until it
+//! has that many or none arrives for a second, and never acknowledges the ones it does not act
+//! on. Closing the channel hands those back, and RabbitMQ returns them in their original order.
+//! Acting on a dead letter (after a confirmed replay, or for `purge`) is a single `basic.ack` of
+//! that delivery. A command refuses to run while anything else consumes the queue (checked
+//! before and after it starts consuming; quorum queues on 3.10 do not enforce exclusive
+//! consumers): another reader holds part of the queue, so the view would be partial.
+//!
+//! Each browse bumps the broker's `x-delivery-count` header, so ids never depend on it (nor on
+//! delivery tags): see [`dead_letter_id`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use crate::broker::topology::{DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, headers};
+
+/// How long a browse waits for one more delivery before deciding the queue has no more.
+const BROWSE_IDLE: Duration = Duration::from_secs(1);
+/// How long a replay waits for the broker's publisher confirm of one copy.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long we wait, after closing the browse channel, for RabbitMQ to make the untouched
+/// dead letters ready again, so that a command run right after this one sees all of them.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Prefix of every header the worker adds to dead-lettered, retried or replayed messages.
+const TT_HEADER_PREFIX: &str = "x-tt-";
+/// Headers RabbitMQ adds when it dead-letters or redelivers a message; a replayed copy is a
+/// fresh message and must not carry them.
+const BROKER_HEADERS: &[&str] = &["x-death", "x-delivery-count"];
+/// Header prefixes RabbitMQ adds when dead-lettering (`x-first-death-reason`, ...).
+const BROKER_HEADER_PREFIXES: &[&str] = &["x-first-death-", "x-last-death-"];
+/// The `x-death` reason RabbitMQ uses when a quorum queue's delivery limit is hit.
+const DELIVERY_LIMIT_REASON: &str = "delivery_limit";
+/// The error kinds of contract §2, plus `unknown` for a message that reached the dead-letter
+/// queue without any dead-letter headers (published to the exchange by hand, say).
+const KINDS: [&str; 4] = ["invalid", "rejected", "exhausted", "unknown"];
+/// Longest error shown in the `list` table; `show` and `--json` print it whole.
+const TABLE_ERROR_CHARS: usize = 80;
+/// Widest tenant or routing key column in the `list` table.
+const TABLE_COLUMN_CHARS: usize = 32;
+
+/// `tenant-tokens dlq ...`: inspect dead letters, replay them to their original routing key,
+/// or purge them. Every command reads the queue without reordering it (see the module docs).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters in queue order, oldest first (kind, error, attempts, tenant).
+    List(ListArgs),
+    /// Show one dead letter in full: headers, properties and body.
+    Show {
+        /// The dead letter's id, as printed by `dlq list`.
+        id: String,
+    },
+    /// Republish matching dead letters to `tenant.events` with their original routing key;
+    /// a dead letter is removed only once its copy is confirmed by the broker.
+    Replay(ReplayArgs),
+    /// Remove matching dead letters for good.
+    Purge(PurgeArgs),
+}
+
+/// Which dead letters a command acts on. Shared by all commands so that an operator can
+/// check a selection with `list` and then `replay` or `purge` exactly the same selection.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Filters {
+    /// Only this error kind.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(KINDS))]
+    pub kind: Option<String>,
+    /// Only this tenant (`tenant_id` of the body, top level or CloudEvents `data`).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only dead letters that failed at or after this time: RFC 3339, or a duration such as
+    /// `2h`, `30m`, `45s`, `1d` meaning that long ago.
+    #[arg(long, value_parser = parse_when, value_name = "TIME|AGO")]
+    pub since: Option<OffsetDateTime>,
+    /// Only dead letters that failed before this time: RFC 3339, or a duration meaning that
+    /// long ago.
+    #[arg(long, value_parser = parse_when, value_name = "TIME|AGO")]
+    pub before: Option<OffsetDateTime>,
+    /// Only dead letters whose error contains this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub error_contains: Option<String>,
+    /// Only the dead letter with this id (as printed by `list`).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Take only the first N matches, in queue order.
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub limit: Option<usize>,
+}
+
+/// Arguments of `dlq list`; a separate struct so `--summary` stays specific to listing.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ListArgs {
+    /// Which dead letters to list.
+    #[command(flatten)]
+    pub filters: Filters,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Group by (kind, error) with count, oldest and newest instead of one row per message.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+/// Arguments of `dlq replay`; `--all` exists so that replaying everything is a deliberate
+/// choice rather than the result of a forgotten filter.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ReplayArgs {
+    /// Which dead letters to replay.
+    #[command(flatten)]
+    pub filters: Filters,
+    /// Replay every dead letter (required when no filter is given).
+    #[arg(long)]
+    pub all: bool,
+    /// Only print what would be replayed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// One JSON object per dead letter instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `dlq purge`; `--yes` and a filter (or `--all`) are both required because
+/// purging cannot be undone.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PurgeArgs {
+    /// Which dead letters to remove.
+    #[command(flatten)]
+    pub filters: Filters,
+    /// Purge every dead letter (required when no filter is given).
+    #[arg(long)]
+    pub all: bool,
+    /// Confirm that the matching dead letters are to be removed for good.
+    #[arg(long)]
+    pub yes: bool,
+    /// One JSON object per dead letter instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Exit status: done.
+const EXIT_OK: i32 = 0;
+/// Exit status: something failed (for example a replay that was not confirmed).
+const EXIT_FAILURE: i32 = 1;
+/// Exit status: usage error.
+const EXIT_USAGE: i32 = 2;
+/// Exit status: the requested id is not in the queue.
+const EXIT_NOT_FOUND: i32 = 3;
+
+/// Runs one `dlq` command against the broker at `amqp_url` (the vhost is part of the URL),
+/// writing its human or JSON output to `out`, and returns the exit status of contract §9:
+/// 0 done (also when nothing matched), 1 failure (a replay that did not go through), 2 usage
+/// (`replay`/`purge` without a filter or `--all`, `purge` without `--yes`), 3 not found
+/// (`show ID` or `--id` for an id that is not there). Usage and not-found explanations go to
+/// standard error so that `--json` output stays machine-readable. An `Err` is a failure to
+/// talk to the broker; the caller reports it and exits 1.
+pub async fn run(
+    cmd: DlqCommand,
+    amqp_url: &str,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<i32> {
+    if let Some(problem) = usage_problem(&cmd) {
+        eprintln!("error: {problem}");
+        return Ok(EXIT_USAGE);
+    }
+    let mut browse = Browse::open(amqp_url).await?;
+    let result = match &cmd {
+        DlqCommand::List(args) => list(&browse, args, out),
+        DlqCommand::Show { id } => show(&browse, id, out),
+        DlqCommand::Replay(args) => replay(&mut browse, args, out).await,
+        DlqCommand::Purge(args) => purge(&mut browse, args, out).await,
+    };
+    // Hand the untouched dead letters back whatever happened above.
+    let finished = browse.finish().await;
+    let code = result?;
+    finished?;
+    Ok(code)
+}
+
+/// The opaque, stable id of a dead letter.
+///
+/// It is the first 16 hex characters of a SHA-256 over what identifies the failure and never
+/// changes while the message sits in the queue: `message_id`, the `x-tt-failed-at`,
+/// `x-tt-original-routing-key` and `x-tt-error-kind` headers, RabbitMQ's own `x-death` record
+/// (queue, reason, time, count and routing keys, for messages RabbitMQ dead-lettered itself)
+/// and the body. It deliberately ignores the delivery tag and `x-delivery-count`, which change
+/// on every browse, so ids stay the same across commands. It needs only the properties and the
+/// body, so the worker can log the id of a dead letter at the moment it publishes it.
+pub fn dead_letter_id(props: &BasicProperties, body: &[u8]) -> String {
+    let table = props.headers().as_ref();
+    let mut hasher = Sha256::new();
+    let mut field = |value: Option<&[u8]>| match value {
+        None => hasher.update([0u8]),
+        Some(bytes) => {
+            hasher.update([1u8]);
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        }
+    };
+    field(props.message_id().as_ref().map(|m| m.as_str().as_bytes()));
+    for name in [
+        headers::FAILED_AT,
+        headers::ORIGINAL_ROUTING_KEY,
+        headers::ERROR_KIND,
+    ] {
+        field(header_str(table, name).as_deref().map(str::as_bytes));
+    }
+    let deaths = x_deaths(table);
+    let mut fingerprint = String::new();
+    for death in &deaths {
+        // `write!` to a String cannot fail.
+        let _ = write!(
+            fingerprint,
+            "{:?}|{:?}|{:?}|{:?}|{:?};",
+            death.queue, death.reason, death.time, death.count, death.routing_keys
+        );
+    }
+    field((!deaths.is_empty()).then_some(fingerprint.as_bytes()));
+    field(Some(body));
+    let digest = hasher.finalize();
+    hex::encode(&digest[..8])
+}
+
+/// Why a command must not run, checked before connecting so that a mistake costs nothing.
+fn usage_problem(cmd: &DlqCommand) -> Option<String> {
+    const FILTERS: &str = "--kind, --tenant, --since, --before, --error-contains or --id";
+    match cmd {
+        DlqCommand::Replay(args) if !args.all && !args.filters.selects() => Some(format!(
+            "dlq replay acts on nothing without a filter: give {FILTERS}, or --all to replay every dead letter"
+        )),
+        DlqCommand::Purge(args) => {
+            let mut missing = Vec::new();
+            if !args.all && !args.filters.selects() {
+                missing.push(format!(
+                    "a filter ({FILTERS}) or --all to purge every dead letter"
+                ));
+            }
+            if !args.yes {
+                missing.push(
+                    "--yes to confirm that the matching dead letters are removed for good (check them first with `dlq list` and the same filters)"
+                        .to_owned(),
+                );
+            }
+            (!missing.is_empty()).then(|| format!("dlq purge needs {}", missing.join(", and ")))
+        }
+        _ => None,
+    }
+}
+
+impl Filters {
+    /// Whether a filter that narrows the selection is given (`--limit` alone does not count:
+    /// "the first N of everything" is still everything to someone who forgot a filter).
+    fn selects(&self) -> bool {
+        self.kind.is_some()
+            || self.tenant.is_some()
+            || self.since.is_some()
+            || self.before.is_some()
+            || self.error_contains.is_some()
+            || self.id.is_some()
+    }
+
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        if self.kind.as_deref().is_some_and(|k| k != letter.kind) {
+            return false;
+        }
+        if let Some(tenant) = &self.tenant
+            && letter.tenant_id.as_deref() != Some(tenant.as_str())
+        {
+            return false;
+        }
+        if let Some(since) = self.since
+            && letter.failed_at_time.is_none_or(|t| t < since)
+        {
+            return false;
+        }
+        if let Some(before) = self.before
+            && letter.failed_at_time.is_none_or(|t| t >= before)
+        {
+            return false;
+        }
+        if let Some(text) = &self.error_contains
+            && !letter.error.to_lowercase().contains(&text.to_lowercase())
+        {
+            return false;
+        }
+        if self.id.as_deref().is_some_and(|id| id != letter.id) {
+            return false;
+        }
+        true
+    }
+
+    /// The matching dead letters in queue order, at most `--limit` of them.
+    fn select<'a>(&self, letters: &'a [DeadLetter]) -> Vec<&'a DeadLetter> {
+        letters
+            .iter()
+            .filter(|l| self.matches(l))
+            .take(self.limit.unwrap_or(usize::MAX))
+            .collect()
+    }
+
+    /// Exit status for a command that matched nothing: not found when an id was asked for.
+    fn nothing_matched(&self) -> i32 {
+        match &self.id {
+            Some(id) => {
+                eprintln!("error: no dead letter with id {id} matches");
+                EXIT_NOT_FOUND
+            }
+            None => EXIT_OK,
+        }
+    }
+}
+
+/// Parses `--since`/`--before`: RFC 3339, or a duration (`2h`, `30m`, `45s`, `1d`, `1h30m`)
+/// meaning that long before now.
+fn parse_when(text: &str) -> Result<OffsetDateTime, String> {
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(t);
+    }
+    let ago = parse_duration(text).ok_or_else(|| {
+        format!("`{text}` is neither an RFC 3339 time nor a duration like 2h, 30m, 45s or 1d")
+    })?;
+    let ago = time::Duration::try_from(ago).map_err(|_| format!("`{text}` is too long ago"))?;
+    OffsetDateTime::now_utc()
+        .checked_sub(ago)
+        .ok_or_else(|| format!("`{text}` is too long ago"))
+}
+
+/// `2h`, `30m`, `45s`, `1d`, `1w` and combinations such as `1h30m`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    let mut any = false;
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: u64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return None,
+        };
+        let n: u64 = digits.parse().ok()?;
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        digits.clear();
+        any = true;
+    }
+    (any && digits.is_empty()).then(|| Duration::from_secs(total))
+}
+
+fn parse_limit(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("`{text}` is not a positive number")),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// One dead letter as read from the queue, with what operators filter and read by.
+struct DeadLetter {
+    id: String,
+    /// The routing key it was first published with; replay uses it.
+    routing_key: String,
+    tenant_id: Option<String>,
+    kind: String,
+    error: String,
+    attempts: i64,
+    message_id: Option<String>,
+    /// As carried by the message (RFC 3339), for display.
+    failed_at: Option<String>,
+    failed_at_time: Option<OffsetDateTime>,
+    delivery: Delivery,
+}
+
+/// What we know about a dead letter from its routing key, properties and body alone.
+#[derive(Debug, PartialEq)]
+struct Description {
+    routing_key: String,
+    tenant_id: Option<String>,
+    kind: String,
+    error: String,
+    attempts: i64,
+    failed_at: Option<String>,
+}
+
+/// Reads a dead letter, whether the worker made it (`x-tt-*` headers) or RabbitMQ did
+/// (delivery limit of the requests queue: only `x-death`).
+fn describe(delivered_routing_key: &str, props: &BasicProperties, body: &[u8]) -> Description {
+    let table = props.headers().as_ref();
+    let deaths = x_deaths(table);
+    // RabbitMQ lists the most recent death first; the delivery limit is what we report.
+    let broker_death = deaths
+        .iter()
+        .find(|d| d.reason.as_deref() == Some(DELIVERY_LIMIT_REASON))
+        .or_else(|| deaths.first());
+    let (kind, error) = match header_str(table, headers::ERROR_KIND) {
+        Some(kind) => (
+            kind,
+            header_str(table, headers::ERROR)
+                .unwrap_or_else(|| format!("(no {} header)", headers::ERROR)),
+        ),
+        None => match broker_death {
+            Some(death) => {
+                let reason = death.reason.as_deref().unwrap_or("unknown reason");
+                let error = if reason == DELIVERY_LIMIT_REASON {
+                    format!("delivery limit reached (dead-lettered by RabbitMQ: {reason})")
+                } else {
+                    format!("dead-lettered by RabbitMQ: {reason}")
+                };
+                ("exhausted".to_owned(), error)
+            }
+            None => (
+                "unknown".to_owned(),
+                "no dead-letter headers (not dead-lettered by tenant-tokens or RabbitMQ)"
+                    .to_owned(),
+            ),
+        },
+    };
+    let failed_at = header_str(table, headers::FAILED_AT).or_else(|| {
+        broker_death
+            .and_then(|d| d.time)
+            .and_then(timestamp_rfc3339)
+    });
+    Description {
+        routing_key: original_routing_key(delivered_routing_key, table, &deaths),
+        tenant_id: tenant_of(body),
+        kind,
+        error,
+        attempts: header_int(table, headers::ATTEMPTS).unwrap_or(0),
+        failed_at,
+    }
+}
+
+/// The routing key to replay to: the worker's `x-tt-original-routing-key`; for a message
+/// RabbitMQ dead-lettered, the routing key recorded in its oldest `x-death` entry that is not
+/// one of our own queue names (retry queues route by queue name); else the delivery's.
+fn original_routing_key(delivered: &str, table: Option<&FieldTable>, deaths: &[Death]) -> String {
+    if let Some(key) = header_str(table, headers::ORIGINAL_ROUTING_KEY) {
+        return key;
+    }
+    let candidates: Vec<&str> = deaths
+        .iter()
+        .rev()
+        .flat_map(|d| d.routing_keys.iter().map(String::as_str))
+        .chain(std::iter::once(delivered))
+        .collect();
+    candidates
+        .iter()
+        .find(|k| !k.starts_with("tenant-tokens."))
+        .or(candidates.first())
+        .map_or_else(|| delivered.to_owned(), |k| (*k).to_owned())
+}
+
+/// `tenant_id` at the top level of a JSON body, or under `data` for CloudEvents.
+fn tenant_of(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value
+        .get("tenant_id")
+        .or_else(|| value.get("data").and_then(|d| d.get("tenant_id")))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// One entry of RabbitMQ's `x-death` header.
+#[derive(Debug)]
+struct Death {
+    queue: Option<String>,
+    reason: Option<String>,
+    time: Option<u64>,
+    count: Option<i64>,
+    routing_keys: Vec<String>,
+}
+
+fn x_deaths(table: Option<&FieldTable>) -> Vec<Death> {
+    let Some(AMQPValue::FieldArray(entries)) = table.and_then(|t| t.inner().get("x-death")) else {
+        return Vec::new();
+    };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|entry| match entry {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        })
+        .map(|t| Death {
+            queue: header_str(Some(t), "queue"),
+            reason: header_str(Some(t), "reason"),
+            time: match t.inner().get("time") {
+                Some(AMQPValue::Timestamp(ts)) => Some(*ts),
+                _ => None,
+            },
+            count: header_int(Some(t), "count"),
+            routing_keys: match t.inner().get("routing-keys") {
+                Some(AMQPValue::FieldArray(keys)) => {
+                    keys.as_slice().iter().filter_map(value_str).collect()
+                }
+                _ => Vec::new(),
+            },
+        })
+        .collect()
+}
+
+fn value_str(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_str(table: Option<&FieldTable>, name: &str) -> Option<String> {
+    table.and_then(|t| t.inner().get(name)).and_then(value_str)
+}
+
+/// An integer header whatever integer type the publisher chose (or a decimal string).
+fn header_int(table: Option<&FieldTable>, name: &str) -> Option<i64> {
+    match table.and_then(|t| t.inner().get(name))? {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        other => value_str(other).and_then(|s| s.trim().parse().ok()),
+    }
+}
+
+fn timestamp_rfc3339(seconds: u64) -> Option<String> {
+    let t = OffsetDateTime::from_unix_timestamp(i64::try_from(seconds).ok()?).ok()?;
+    t.format(&Rfc3339).ok()
+}
+
+/// The whole dead-letter queue, held unacknowledged on one channel until [`Browse::finish`].
+struct Browse {
+    conn: Connection,
+    channel: Channel,
+    /// Kept alive so the deliveries stay ours until the channel closes.
+    consumer: Option<Consumer>,
+    letters: Vec<DeadLetter>,
+    /// Message count of the queue when we started.
+    count_at_start: u32,
+    /// Dead letters acknowledged (replayed or purged) by this command.
+    removed: usize,
+}
+
+impl Browse {
+    async fn open(amqp_url: &str) -> anyhow::Result<Self> {
+        let conn = Connection::connect(
+            amqp_url,
+            ConnectionProperties::default().with_connection_name("tenant-tokens dlq".into()),
+        )
+        .await
+        .with_context(|| format!("connecting to RabbitMQ at {}", redact_url(amqp_url)))?;
+        let channel = match conn.create_channel().await {
+            Ok(channel) => channel,
+            Err(e) => {
+                let _ = conn.close(200, "OK".into()).await;
+                return Err(anyhow::Error::new(e).context("opening a channel"));
+            }
+        };
+        let mut browse = Browse {
+            conn,
+            channel,
+            consumer: None,
+            letters: Vec::new(),
+            count_at_start: 0,
+            removed: 0,
+        };
+        if let Err(e) = browse.read().await {
+            // Closing the connection hands back whatever we had received.
+            let _ = browse.conn.close(200, "OK".into()).await;
+            return Err(e);
+        }
+        Ok(browse)
+    }
+
+    /// Takes every message of the queue (see the module docs) without acknowledging any.
+    async fn read(&mut self) -> anyhow::Result<()> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let queue = self
+            .channel
+            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
+            .await
+            .with_context(|| {
+                format!(
+                    "looking up the dead-letter queue {DEAD_LETTER_QUEUE} \
+                     (has `tenant-tokens migrate` run against this vhost?)"
+                )
+            })?;
+        refuse_other_readers(queue.consumer_count(), 0)?;
+        self.count_at_start = queue.message_count();
+        if self.count_at_start == 0 {
+            return Ok(());
+        }
+        // A prefetch of the whole count lets every message arrive without acknowledging any.
+        let prefetch = u16::try_from(self.count_at_start).unwrap_or(u16::MAX);
+        if u32::from(prefetch) < self.count_at_start {
+            eprintln!(
+                "warning: {DEAD_LETTER_QUEUE} holds {} messages; only the first {prefetch} are read",
+                self.count_at_start
+            );
+        }
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch")?;
+        let consumer = self
+            .channel
+            .basic_consume(
+                DEAD_LETTER_QUEUE.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from {DEAD_LETTER_QUEUE}"))?;
+        let consumer = self.consumer.insert(consumer);
+        // Someone may have started reading between our declare and our consume.
+        let again = self
+            .channel
+            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
+            .await
+            .context("checking for other readers")?;
+        refuse_other_readers(again.consumer_count(), 1)?;
+        while self.letters.len() < usize::from(prefetch) {
+            let delivery = match tokio::time::timeout(BROWSE_IDLE, consumer.next()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(delivery)) => delivery.context("reading a dead letter")?,
+            };
+            self.letters.push(letter_of(delivery));
+        }
+        Ok(())
+    }
+
+    /// Closes the browse channel, which hands every unacknowledged dead letter back in its
+    /// original order, waits (briefly) until RabbitMQ counts them as ready again, and closes
+    /// the connection.
+    async fn finish(self) -> anyhow::Result<()> {
+        let browsed_all = self.letters.len() as u64 >= u64::from(self.count_at_start);
+        let expected = if browsed_all {
+            u64::from(self.count_at_start)
+        } else {
+            self.letters.len() as u64
+        }
+        .saturating_sub(self.removed as u64);
+        drop(self.letters);
+        let closed = self.channel.close(200, "OK".into()).await;
+        if closed.is_ok() && expected > 0 {
+            settle(&self.conn, expected).await;
+        }
+        let _ = self.conn.close(200, "OK".into()).await;
+        closed.context("closing the channel that held the dead letters")
+    }
+}
+
+/// Fails when the queue has more consumers than `ours`: another reader holds some of the
+/// dead letters, so we would see (and act on) only part of the queue.
+fn refuse_other_readers(consumers: u32, ours: u32) -> anyhow::Result<()> {
+    if consumers > ours {
+        bail!(
+            "{DEAD_LETTER_QUEUE} has {} other consumer(s): another `dlq` command or a consumer \
+             is reading it, so only part of it would be visible; try again when it is done",
+            consumers - ours
+        );
+    }
+    Ok(())
+}
+
+/// Polls the queue's ready count until it reaches `expected` or [`SETTLE_TIMEOUT`] passes.
+async fn settle(conn: &Connection, expected: u64) {
+    let Ok(channel) = conn.create_channel().await else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(q) if u64::from(q.message_count()) < expected => {}
+            _ => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = channel.close(200, "OK".into()).await;
+}
+
+fn letter_of(delivery: Delivery) -> DeadLetter {
+    let d = describe(
+        delivery.routing_key.as_str(),
+        &delivery.properties,
+        &delivery.data,
+    );
+    DeadLetter {
+        id: dead_letter_id(&delivery.properties, &delivery.data),
+        routing_key: d.routing_key,
+        tenant_id: d.tenant_id,
+        kind: d.kind,
+        error: d.error,
+        attempts: d.attempts,
+        message_id: delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned()),
+        failed_at_time: d
+            .failed_at
+            .as_deref()
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()),
+        failed_at: d.failed_at,
+        delivery,
+    }
+}
+
+/// Never print a password from the URL.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// list
+
+fn list(browse: &Browse, args: &ListArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
+    let matches = args.filters.select(&browse.letters);
+    if args.summary {
+        write_summary(&matches, args.json, out)?;
+    } else if args.json {
+        for letter in &matches {
+            writeln!(out, "{}", letter_json(letter))?;
+        }
+    } else {
+        write_table(&matches, browse.letters.len(), out)?;
+    }
+    if matches.is_empty() {
+        return Ok(args.filters.nothing_matched());
+    }
+    Ok(EXIT_OK)
+}
+
+fn letter_json(letter: &DeadLetter) -> Value {
+    json!({
+        "id": letter.id,
+        "routing_key": letter.routing_key,
+        "tenant_id": letter.tenant_id,
+        "kind": letter.kind,
+        "error": letter.error,
+        "attempts": letter.attempts,
+        "message_id": letter.message_id,
+        "failed_at": letter.failed_at,
+    })
+}
+
+fn write_table(
+    letters: &[&DeadLetter],
+    total: usize,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
+    if letters.is_empty() {
+        return writeln!(
+            out,
+            "no dead letters match ({total} in {DEAD_LETTER_QUEUE})"
+        );
+    }
+    let rows: Vec<[String; 7]> = letters
+        .iter()
+        .map(|l| {
+            [
+                l.id.clone(),
+                l.failed_at_time
+                    .map(short_time)
+                    .or_else(|| l.failed_at.as_deref().map(one_line))
+                    .unwrap_or_else(|| "-".into()),
+                l.kind.clone(),
+                l.attempts.to_string(),
+                cut(
+                    &one_line(l.tenant_id.as_deref().unwrap_or("-")),
+                    TABLE_COLUMN_CHARS,
+                ),
+                cut(&one_line(&l.routing_key), TABLE_COLUMN_CHARS),
+                cut(&one_line(&l.error), TABLE_ERROR_CHARS),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "FAILED AT",
+        "KIND",
+        "ATTEMPTS",
+        "TENANT",
+        "ROUTING KEY",
+        "ERROR",
+    ]
+    .map(str::to_owned);
+    write_columns(&header, &rows, out)?;
+    writeln!(
+        out,
+        "{} of {total} dead letters in {DEAD_LETTER_QUEUE}",
+        letters.len()
+    )
+}
+
+fn write_columns<const N: usize>(
+    header: &[String; N],
+    rows: &[[String; N]],
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                let pad = w - cell.chars().count();
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn write_summary(
+    letters: &[&DeadLetter],
+    as_json: bool,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
+    struct Group<'a> {
+        kind: &'a str,
+        error: &'a str,
+        count: usize,
+        oldest: Option<OffsetDateTime>,
+        newest: Option<OffsetDateTime>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for l in letters {
+        let key = (l.kind.as_str(), l.error.as_str());
+        let i = *index.entry(key).or_insert_with(|| {
+            groups.push(Group {
+                kind: key.0,
+                error: key.1,
+                count: 0,
+                oldest: None,
+                newest: None,
+            });
+            groups.len() - 1
+        });
+        let g = &mut groups[i];
+        g.count += 1;
+        if let Some(t) = l.failed_at_time {
+            g.oldest = Some(g.oldest.map_or(t, |o| o.min(t)));
+            g.newest = Some(g.newest.map_or(t, |n| n.max(t)));
+        }
+    }
+    // Biggest groups first; ties keep queue order (stable sort).
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
+    let rfc = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
+    if as_json {
+        for g in &groups {
+            let line = json!({
+                "kind": g.kind,
+                "error": g.error,
+                "count": g.count,
+                "oldest": rfc(g.oldest),
+                "newest": rfc(g.newest),
+            });
+            writeln!(out, "{line}")?;
+        }
+        return Ok(());
+    }
+    if groups.is_empty() {
+        return writeln!(out, "no dead letters match");
+    }
+    let header = ["COUNT", "KIND", "OLDEST", "NEWEST", "ERROR"].map(str::to_owned);
+    let rows: Vec<[String; 5]> = groups
+        .iter()
+        .map(|g| {
+            [
+                g.count.to_string(),
+                g.kind.to_owned(),
+                g.oldest.map_or_else(|| "-".into(), short_time),
+                g.newest.map_or_else(|| "-".into(), short_time),
+                cut(&one_line(g.error), TABLE_ERROR_CHARS),
+            ]
+        })
+        .collect();
+    write_columns(&header, &rows, out)?;
+    writeln!(
+        out,
+        "{} dead letters in {} groups",
+        letters.len(),
+        groups.len()
+    )
+}
+
+/// `2024-05-01T12:00:00Z`: seconds are enough in a table.
+fn short_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// Text from a message on one line, with control characters (terminal escapes included)
+/// replaced, so that a hostile body or error cannot rewrite the operator's screen.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Like [`one_line`] but keeps line breaks and tabs, for multi-line output.
+fn printable(text: &str) -> String {
+    let mut s = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            s.push_str(&c.escape_unicode().to_string());
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut s: String = text.chars().take(max.saturating_sub(1)).collect();
+    s.push('…');
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// show
+
+fn show(browse: &Browse, id: &str, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
+    let Some(letter) = browse.letters.iter().find(|l| l.id == id) else {
+        eprintln!("error: no dead letter with id {id} in {DEAD_LETTER_QUEUE}");
+        return Ok(EXIT_NOT_FOUND);
+    };
+    let props = &letter.delivery.properties;
+    let mut lines: Vec<(String, String)> = vec![
+        ("id".into(), letter.id.clone()),
+        ("kind".into(), letter.kind.clone()),
+        ("error".into(), letter.error.clone()),
+        ("attempts".into(), letter.attempts.to_string()),
+        (
+            "tenant".into(),
+            letter.tenant_id.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("routing key".into(), letter.routing_key.clone()),
+        (
+            "delivered with".into(),
+            format!(
+                "exchange {:?}, routing key {:?}",
+                letter.delivery.exchange.as_str(),
+                letter.delivery.routing_key.as_str()
+            ),
+        ),
+        (
+            "failed at".into(),
+            letter.failed_at.clone().unwrap_or_else(|| "-".into()),
+        ),
+    ];
+    if let Some(status) = header_int(props.headers().as_ref(), headers::ISSUER_STATUS) {
+        lines.push(("issuer status".into(), status.to_string()));
+    }
+    for (name, value) in &lines {
+        writeln!(out, "{:<16}{}", format!("{name}:"), printable(value))?;
+    }
+    writeln!(out, "properties:")?;
+    for (name, value) in property_list(props) {
+        writeln!(out, "  {name}: {}", printable(&value))?;
+    }
+    writeln!(out, "headers:")?;
+    match props.headers() {
+        Some(table) if !table.inner().is_empty() => {
+            for (name, value) in table {
+                let shown = if is_secret_name(name.as_str()) {
+                    "<redacted>".to_owned()
+                } else {
+                    match amqp_to_json(value) {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    }
+                };
+                writeln!(out, "  {}: {}", one_line(name.as_str()), printable(&shown))?;
+            }
+        }
+        _ => writeln!(out, "  (none)")?,
+    }
+    let body = &letter.delivery.data;
+    match std::str::from_utf8(body) {
+        Ok(text) => {
+            writeln!(out, "body ({} bytes):", body.len())?;
+            writeln!(out, "{}", printable(text))?;
+        }
+        Err(_) => {
+            let shown = &body[..body.len().min(64)];
+            writeln!(
+                out,
+                "body ({} bytes, not UTF-8; first {} as hex):",
+                body.len(),
+                shown.len()
+            )?;
+            writeln!(out, "{}", hex::encode(shown))?;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn property_list(p: &BasicProperties) -> Vec<(&'static str, String)> {
+    let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_owned());
+    [
+        ("message_id", s(p.message_id())),
+        ("correlation_id", s(p.correlation_id())),
+        ("content_type", s(p.content_type())),
+        ("content_encoding", s(p.content_encoding())),
+        ("type", s(p.kind())),
+        ("app_id", s(p.app_id())),
+        ("user_id", s(p.user_id())),
+        ("reply_to", s(p.reply_to())),
+        ("expiration", s(p.expiration())),
+        (
+            "timestamp",
+            p.timestamp()
+                .map(|t| timestamp_rfc3339(t).unwrap_or_else(|| t.to_string())),
+        ),
+        ("delivery_mode", p.delivery_mode().map(|m| m.to_string())),
+        ("priority", p.priority().map(|m| m.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| value.map(|v| (name, v)))
+    .collect()
+}
+
+/// Header names whose values may be credentials; `show` never prints them.
+fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "authorization",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "cookie",
+        "api-key",
+        "api_key",
+        "apikey",
+        "credential",
+    ]
+    .iter()
+    .any(|needle| name.contains(needle))
+}
+
+/// A header value as JSON, for display; nested secret-looking keys are redacted too.
+fn amqp_to_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::Boolean(b) => json!(b),
+        AMQPValue::ShortShortInt(n) => json!(n),
+        AMQPValue::ShortShortUInt(n) => json!(n),
+        AMQPValue::ShortInt(n) => json!(n),
+        AMQPValue::ShortUInt(n) => json!(n),
+        AMQPValue::LongInt(n) => json!(n),
+        AMQPValue::LongUInt(n) => json!(n),
+        AMQPValue::LongLongInt(n) => json!(n),
+        AMQPValue::Float(f) => json!(f),
+        AMQPValue::Double(f) => json!(f),
+        AMQPValue::DecimalValue(d) => json!({ "scale": d.scale, "value": d.value }),
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => {
+            json!(value_str(value).unwrap_or_default())
+        }
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::Timestamp(t) => timestamp_rfc3339(*t).map_or_else(|| json!(t), Value::String),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| {
+                    let v = if is_secret_name(k.as_str()) {
+                        json!("<redacted>")
+                    } else {
+                        amqp_to_json(v)
+                    };
+                    (k.as_str().to_owned(), v)
+                })
+                .collect(),
+        ),
+        AMQPValue::ByteArray(b) => json!(hex::encode(b.as_slice())),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// replay
+
+async fn replay(
+    browse: &mut Browse,
+    args: &ReplayArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<i32> {
+    let selected: Vec<usize> = matching_indexes(&browse.letters, &args.filters);
+    if selected.is_empty() {
+        if !args.json {
+            writeln!(out, "no dead letters match; nothing to replay")?;
+        }
+        return Ok(args.filters.nothing_matched());
+    }
+    if args.dry_run {
+        for &i in &selected {
+            let l = &browse.letters[i];
+            if args.json {
+                writeln!(out, "{}", outcome_json(l, "would_replay", None))?;
+            } else {
+                writeln!(
+                    out,
+                    "would replay {}  to {EVENTS_EXCHANGE} with routing key {}  (tenant {}, {}: {})",
+                    l.id,
+                    one_line(&l.routing_key),
+                    one_line(l.tenant_id.as_deref().unwrap_or("-")),
+                    l.kind,
+                    cut(&one_line(&l.error), TABLE_ERROR_CHARS)
+                )?;
+            }
+        }
+        if !args.json {
+            writeln!(
+                out,
+                "dry run: {} dead letters would be replayed",
+                selected.len()
+            )?;
+        }
+        return Ok(EXIT_OK);
+    }
+
+    let publisher = browse
+        .conn
+        .create_channel()
+        .await
+        .context("opening the publishing channel")?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    let replayed_at = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .context("formatting the replay time")?;
+    let (mut replayed, mut failed) = (0usize, 0usize);
+    for &i in &selected {
+        let letter = &browse.letters[i];
+        let outcome = match republish(&publisher, letter, &replayed_at).await {
+            Err(reason) => Err(reason),
+            // Only now, with the copy safely confirmed, remove the dead letter.
+            Ok(()) => match letter
+                .delivery
+                .ack(BasicAckOptions { multiple: false })
+                .await
+            {
+                Ok(true) => Ok(()),
+                Ok(false) | Err(_) => Err(
+                    "replayed, but the dead letter could not be removed; it is still in the queue"
+                        .to_owned(),
+                ),
+            },
+        };
+        match &outcome {
+            Ok(()) => {
+                replayed += 1;
+                browse.removed += 1;
+            }
+            Err(_) => failed += 1,
+        }
+        if args.json {
+            let (result, reason) = match &outcome {
+                Ok(()) => ("replayed", None),
+                Err(reason) => ("failed", Some(reason.as_str())),
+            };
+            writeln!(out, "{}", outcome_json(letter, result, reason))?;
+        } else {
+            match &outcome {
+                Ok(()) => writeln!(
+                    out,
+                    "replayed {}  to routing key {}  (tenant {})",
+                    letter.id,
+                    one_line(&letter.routing_key),
+                    one_line(letter.tenant_id.as_deref().unwrap_or("-"))
+                )?,
+                Err(reason) => writeln!(
+                    out,
+                    "FAILED   {}  to routing key {}: {}  (the dead letter stays)",
+                    letter.id,
+                    one_line(&letter.routing_key),
+                    one_line(reason)
+                )?,
+            }
+        }
+    }
+    let _ = publisher.close(200, "OK".into()).await;
+    if !args.json {
+        writeln!(out, "replayed {replayed}, failed {failed}")?;
+    }
+    Ok(if failed > 0 { EXIT_FAILURE } else { EXIT_OK })
+}
+
+fn matching_indexes(letters: &[DeadLetter], filters: &Filters) -> Vec<usize> {
+    letters
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| filters.matches(l))
+        .map(|(i, _)| i)
+        .take(filters.limit.unwrap_or(usize::MAX))
+        .collect()
+}
+
+fn outcome_json(letter: &DeadLetter, result: &str, reason: Option<&str>) -> Value {
+    json!({
+        "id": letter.id,
+        "routing_key": letter.routing_key,
+        "tenant_id": letter.tenant_id,
+        "kind": letter.kind,
+        "result": result,
+        "reason": reason,
+    })
+}
+
+/// Publishes the replayed copy and waits for the broker's verdict; `Err` says why it did not
+/// go through (the dead letter then stays).
+async fn republish(
+    publisher: &Channel,
+    letter: &DeadLetter,
+    replayed_at: &str,
+) -> Result<(), String> {
+    let routing_key = ShortString::try_new(letter.routing_key.clone())
+        .map_err(|e| format!("the original routing key is not usable: {e}"))?;
+    let props = replay_properties(&letter.delivery.properties, replayed_at);
+    let confirm = publisher
+        .basic_publish(
+            EVENTS_EXCHANGE.into(),
+            routing_key,
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &letter.delivery.data,
+            props,
+        )
+        .await
+        .map_err(|e| format!("publishing failed: {e}"))?;
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Err(_) => Err(format!(
+            "not confirmed by the broker within {}s",
+            CONFIRM_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("not confirmed: {e}")),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
+            "unroutable: no queue is bound to {EVENTS_EXCHANGE} for this routing key ({} {})",
+            returned.reply_code, returned.reply_text
+        )),
+        Ok(Ok(Confirmation::Nack(_))) => Err("rejected by the broker (nack)".to_owned()),
+        Ok(Ok(Confirmation::NotRequested)) => {
+            Err("publisher confirms are not enabled on the channel".to_owned())
+        }
+    }
+}
+
+/// The properties of a replayed copy: the original ones, as a fresh persistent message. The
+/// worker's `x-tt-*` headers (error, attempts, ...) and RabbitMQ's dead-letter headers are
+/// dropped so the worker starts counting attempts from zero; `x-tt-replayed-at` records the
+/// replay. `expiration` is dropped (the copy must not expire on arrival), and `user_id` too
+/// (RabbitMQ rejects a publish whose `user_id` is not the connecting user).
+fn replay_properties(original: &BasicProperties, replayed_at: &str) -> BasicProperties {
+    let mut headers_out = FieldTable::default();
+    if let Some(table) = original.headers() {
+        for (name, value) in table {
+            let n = name.as_str();
+            let drop = n.starts_with(TT_HEADER_PREFIX)
+                || BROKER_HEADERS.contains(&n)
+                || BROKER_HEADER_PREFIXES.iter().any(|p| n.starts_with(p));
+            if !drop {
+                headers_out.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    headers_out.insert(
+        headers::REPLAYED_AT.into(),
+        AMQPValue::LongString(replayed_at.into()),
+    );
+    let mut p = BasicProperties::default()
+        .with_headers(headers_out)
+        .with_delivery_mode(2);
+    if let Some(v) = original.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.priority() {
+        p = p.with_priority(*v);
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------------
+// purge
+
+async fn purge(
+    browse: &mut Browse,
+    args: &PurgeArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<i32> {
+    let selected = matching_indexes(&browse.letters, &args.filters);
+    if selected.is_empty() {
+        if !args.json {
+            writeln!(out, "no dead letters match; nothing to purge")?;
+        }
+        return Ok(args.filters.nothing_matched());
+    }
+    let (mut purged, mut failed) = (0usize, 0usize);
+    for &i in &selected {
+        let letter = &browse.letters[i];
+        let removed = matches!(
+            letter
+                .delivery
+                .ack(BasicAckOptions { multiple: false })
+                .await,
+            Ok(true)
+        );
+        if removed {
+            purged += 1;
+            browse.removed += 1;
+        } else {
+            failed += 1;
+        }
+        if args.json {
+            let (result, reason) = if removed {
+                ("purged", None)
+            } else {
+                ("failed", Some("could not acknowledge the dead letter"))
+            };
+            writeln!(out, "{}", outcome_json(letter, result, reason))?;
+        } else if removed {
+            writeln!(
+                out,
+                "purged {}  ({}, tenant {})",
+                letter.id,
+                letter.kind,
+                one_line(letter.tenant_id.as_deref().unwrap_or("-"))
+            )?;
+        } else {
+            writeln!(out, "FAILED {}: could not remove it; it stays", letter.id)?;
+        }
+    }
+    if !args.json {
+        writeln!(out, "purged {purged}, failed {failed}")?;
+    }
+    Ok(if failed > 0 { EXIT_FAILURE } else { EXIT_OK })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+
+    fn s(v: &str) -> AMQPValue {
+        AMQPValue::LongString(v.into())
+    }
+
+    fn worker_props() -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert(headers::ERROR.into(), s("tenant_id missing"));
+        h.insert(headers::ERROR_KIND.into(), s("invalid"));
+        h.insert(headers::ATTEMPTS.into(), AMQPValue::LongInt(3));
+        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), s("tenant.created"));
+        h.insert(headers::FAILED_AT.into(), s("2024-05-01T12:00:00.5Z"));
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_headers(h)
+    }
+
+    fn broker_props() -> BasicProperties {
+        let mut death = FieldTable::default();
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        death.insert("reason".into(), s("delivery_limit"));
+        death.insert("queue".into(), s("tenant-tokens.requests"));
+        death.insert("time".into(), AMQPValue::Timestamp(1_714_564_800));
+        death.insert("exchange".into(), s("tenant.events"));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![s("extension.requested")])),
+        );
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        h.insert("x-first-death-reason".into(), s("delivery_limit"));
+        h.insert("traceparent".into(), s("00-abc-def-01"));
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn id_ignores_delivery_count_but_not_content() {
+        let body = br#"{"tenant_id":"t1"}"#;
+        let props = worker_props();
+        let id = dead_letter_id(&props, body);
+        assert_eq!(id.len(), 16);
+        let mut h = props.headers().clone().unwrap_or_default();
+        h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(7));
+        let bumped = props.clone().with_headers(h);
+        assert_eq!(dead_letter_id(&bumped, body), id);
+        assert_ne!(dead_letter_id(&props, br#"{"tenant_id":"t2"}"#), id);
+        assert_ne!(dead_letter_id(&broker_props(), body), id);
+    }
+
+    #[test]
+    fn describes_worker_dead_letters() {
+        let d = describe("tenant.created", &worker_props(), br#"{"tenant_id":"t1"}"#);
+        assert_eq!(d.kind, "invalid");
+        assert_eq!(d.error, "tenant_id missing");
+        assert_eq!(d.attempts, 3);
+        assert_eq!(d.routing_key, "tenant.created");
+        assert_eq!(d.tenant_id.as_deref(), Some("t1"));
+        assert_eq!(d.failed_at.as_deref(), Some("2024-05-01T12:00:00.5Z"));
+    }
+
+    #[test]
+    fn describes_dead_letters_made_by_rabbitmq() {
+        let body = br#"{"specversion":"1.0","data":{"tenant_id":"ce-1"}}"#;
+        let d = describe("whatever", &broker_props(), body);
+        assert_eq!(d.kind, "exhausted");
+        assert_eq!(
+            d.error,
+            "delivery limit reached (dead-lettered by RabbitMQ: delivery_limit)"
+        );
+        assert_eq!(d.attempts, 0);
+        assert_eq!(d.routing_key, "extension.requested");
+        assert_eq!(d.tenant_id.as_deref(), Some("ce-1"));
+        assert_eq!(d.failed_at.as_deref(), Some("2024-05-01T12:00:00Z"));
+    }
+
+    #[test]
+    fn unknown_messages_are_still_described() {
+        let d = describe("tenant.created", &BasicProperties::default(), b"\xff\xfe");
+        assert_eq!(d.kind, "unknown");
+        assert_eq!(d.tenant_id, None);
+        assert_eq!(d.routing_key, "tenant.created");
+    }
+
+    #[test]
+    fn replay_properties_strip_dead_letter_headers() {
+        let p = replay_properties(&broker_props(), "2024-05-02T00:00:00Z");
+        let h = p.headers().clone().unwrap_or_default();
+        assert!(!h.contains_key("x-death"));
+        assert!(!h.contains_key("x-first-death-reason"));
+        assert!(h.contains_key("traceparent"));
+        assert_eq!(
+            header_str(Some(&h), headers::REPLAYED_AT).as_deref(),
+            Some("2024-05-02T00:00:00Z")
+        );
+        let p = replay_properties(&worker_props(), "2024-05-02T00:00:00Z");
+        let h = p.headers().clone().unwrap_or_default();
+        assert_eq!(h.inner().len(), 1, "only x-tt-replayed-at remains: {h:?}");
+        assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("m-1"));
+        assert_eq!(*p.delivery_mode(), Some(2));
+    }
+
+    #[test]
+    fn durations_and_times() {
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("45s"), Some(Duration::from_secs(45)));
+        assert_eq!(parse_duration("45"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration("2x"), None);
+        assert!(parse_when("2024-05-01T12:00:00Z").is_ok());
+        assert!(parse_when("yesterday").is_err());
+        let ago = parse_when("1h").unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let diff = OffsetDateTime::now_utc() - ago;
+        assert!(diff >= time::Duration::minutes(59) && diff <= time::Duration::minutes(61));
+        assert!(parse_limit("0").is_err());
+        assert_eq!(parse_limit("3"), Ok(3));
+    }
+
+    #[test]
+    fn secrets_and_escapes_are_not_printed() {
+        assert!(is_secret_name("Authorization"));
+        assert!(is_secret_name("x-auth-token"));
+        assert!(!is_secret_name("traceparent"));
+        assert_eq!(one_line("a\x1b[2Jb\nc"), "a [2Jb c");
+        assert_eq!(
+            redact_url("amqp://user:pw@host:5672/v"),
+            "amqp://***@host:5672/v"
+        );
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: DlqCommand,
+        }
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "dlq",
+            "replay",
+            "--kind",
+            "rejected",
+            "--since",
+            "2h",
+            "--limit",
+            "5",
+            "--dry-run",
+        ]);
+        assert!(matches!(
+            cli.map(|c| c.cmd),
+            Ok(DlqCommand::Replay(ReplayArgs {
+                dry_run: true,
+                filters: Filters { limit: Some(5), .. },
+                ..
+            }))
+        ));
+        assert!(Cli::try_parse_from(["dlq", "list", "--kind", "bogus"]).is_err());
+        assert!(Cli::try_parse_from(["dlq", "list", "--since", "soon"]).is_err());
+    }
+
+    #[test]
+    fn usage_is_checked_before_connecting() {
+        let replay = DlqCommand::Replay(ReplayArgs::default());
+        assert!(usage_problem(&replay).is_some());
+        let purge = DlqCommand::Purge(PurgeArgs {
+            all: true,
+            ..Default::default()
+        });
+        assert!(usage_problem(&purge).is_some_and(|p| p.contains("--yes")));
+        let purge = DlqCommand::Purge(PurgeArgs {
+            yes: true,
+            filters: Filters {
+                kind: Some("invalid".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        assert!(usage_problem(&purge).is_none());
+    }
+}
