@@ -84,6 +84,14 @@ pub enum TokenCommand {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Tokens the issuer handed out that never became a tenant's stored token (to revoke by jti).
+    Orphans {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 /// A command's failure with its exit status.
@@ -166,6 +174,10 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }) => {
             telemetry::init_tracing(cli.log_format, "warn");
             token_show(&tenant, reveal, json, &database, &key).await
+        }
+        Command::Token(TokenCommand::Orphans { json, database }) => {
+            telemetry::init_tracing(cli.log_format, "warn");
+            token_orphans(json, &database).await
         }
         Command::Dlq { broker, command } => {
             telemetry::init_tracing(cli.log_format, "warn");
@@ -316,5 +328,43 @@ async fn token_show(
         out.write_all(text.as_bytes())
     };
     written.map_err(|e| anyhow::anyhow!("writing output: {e}"))?;
+    Ok(0)
+}
+
+async fn token_orphans(json: bool, database: &DatabaseArgs) -> Result<u8, Failure> {
+    let store = Store::connect(&database.database_url, 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} ({})", broker::redact(&database.database_url)))?;
+    let orphans = crate::store::orphaned_tokens(store.pool())
+        .await
+        .map_err(anyhow::Error::from)?;
+    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
+    if !json {
+        text.push_str(&format!("{} orphaned token(s)\n", orphans.len()));
+    }
+    for (t, at) in &orphans {
+        if json {
+            let line = serde_json::json!({
+                "tenant_id": t.tenant_id,
+                "container": t.container,
+                "token_fingerprint": t.fingerprint,
+                "jti": t.jti,
+                "issued_at": rfc3339(*at),
+            });
+            text.push_str(&format!("{line}\n"));
+        } else {
+            text.push_str(&format!(
+                "{}  {}  {}  jti={}  {}\n",
+                rfc3339(*at),
+                t.tenant_id,
+                t.container,
+                t.jti.as_deref().unwrap_or("-"),
+                t.fingerprint
+            ));
+        }
+    }
+    out.write_all(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("writing output: {e}"))?;
     Ok(0)
 }

@@ -22,6 +22,31 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tenan
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// A secret given on the command line or in the environment: `Debug` never shows it.
+#[derive(Clone)]
+pub struct SecretArg(String);
+
+impl SecretArg {
+    /// The secret, for the one place that must parse it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
 /// Where the broker is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BrokerArgs {
@@ -43,20 +68,20 @@ pub struct DatabaseArgs {
 pub struct KeyArgs {
     /// Base64 of 32 bytes (`tenant-tokens keygen`).
     #[arg(long, env = "TOKEN_ENCRYPTION_KEY", hide_env_values = true)]
-    pub token_encryption_key: Option<String>,
+    pub token_encryption_key: Option<SecretArg>,
     /// A file holding the key.
     #[arg(long, env = "TOKEN_ENCRYPTION_KEY_FILE")]
     pub token_encryption_key_file: Option<PathBuf>,
     /// Retired keys (comma separated, base64) that still decrypt old rows after a rotation.
     #[arg(long, env = "TOKEN_DECRYPTION_KEYS", hide_env_values = true)]
-    pub token_decryption_keys: Option<String>,
+    pub token_decryption_keys: Option<SecretArg>,
 }
 
 impl KeyArgs {
     /// The cipher, or the error that tells how to make a key.
     pub fn cipher(&self) -> Result<TokenCipher, ConfigError> {
         let text = secret_value(
-            self.token_encryption_key.as_deref(),
+            self.token_encryption_key.as_ref().map(SecretArg::expose),
             self.token_encryption_key_file.as_ref(),
             "TOKEN_ENCRYPTION_KEY",
         )?
@@ -71,8 +96,8 @@ impl KeyArgs {
             .map_err(|e| ConfigError(format!("TOKEN_ENCRYPTION_KEY: {e}")))?;
         let retired = self
             .token_decryption_keys
-            .as_deref()
-            .unwrap_or("")
+            .as_ref()
+            .map_or("", SecretArg::expose)
             .split(',')
             .filter(|k| !k.trim().is_empty())
             .map(EncryptionKey::from_base64)
@@ -96,7 +121,7 @@ pub struct RunArgs {
     pub issuer_url: Option<String>,
     /// The platform's master token. Prefer the _FILE form: environments leak.
     #[arg(long, env = "ISSUER_MASTER_TOKEN", hide_env_values = true)]
-    pub issuer_master_token: Option<String>,
+    pub issuer_master_token: Option<SecretArg>,
     /// A file holding the master token.
     #[arg(long, env = "ISSUER_MASTER_TOKEN_FILE")]
     pub issuer_master_token_file: Option<PathBuf>,
@@ -183,7 +208,7 @@ impl RunArgs {
                 ConfigError("ISSUER_URL is required (e.g. https://webtask.example.com)".into())
             })?;
         let master = secret_value(
-            self.issuer_master_token.as_deref(),
+            self.issuer_master_token.as_ref().map(SecretArg::expose),
             self.issuer_master_token_file.as_ref(),
             "ISSUER_MASTER_TOKEN",
         )?
@@ -305,6 +330,27 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert_eq!(parse_delays("1s, 5s").map(|d| d.0.len()), Ok(2));
         assert!(parse_delays("0s").is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        use clap::Parser;
+        #[derive(Parser, Debug)]
+        struct W {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let w = W::try_parse_from([
+            "x",
+            "--issuer-master-token=master-secret-1",
+            "--token-encryption-key=key-secret-2",
+            "--token-decryption-keys=key-secret-3",
+        ])
+        .expect("parses");
+        let d = format!("{w:?}");
+        for secret in ["master-secret-1", "key-secret-2", "key-secret-3"] {
+            assert!(!d.contains(secret), "{secret} leaked into {d}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! 1. requests already handled (a redelivery) get their stored event back, untouched;
 //! 2. tenants with a committed token are answered from Postgres, no issuer call;
 //! 3. the other tenants are claimed (row lock, see [`crate::store`]) and issued a token, all
-//!    issue calls of the batch at once;
+//!    issue calls of the batch at once; each issued token is journaled at once, outside the
+//!    transaction, so one whose storing never commits can be revoked;
 //! 4. the tokens (encrypted) and every request's ready event are written, and committed
 //!    together — the event is decided in the same transaction as the token, so a crash between
 //!    commit and publish is repaired by the redelivery, which finds and republishes it.
@@ -22,7 +23,9 @@ use crate::crypto::TokenCipher;
 use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken};
 use crate::event::{ReadyEvent, rfc3339};
 use crate::issuer::{IssuerClient, IssuerError};
-use crate::store::{self, NewRequest, NewToken, Store, StoreError, StoredToken, TenantRow};
+use crate::store::{
+    self, IssuedToken, NewRequest, NewToken, Store, StoreError, StoredToken, TenantRow,
+};
 use crate::telemetry::metric;
 
 /// What became of one request.
@@ -112,6 +115,18 @@ impl Provisioner {
         }
 
         let (fresh, failures) = self.issue_missing(&first, &tenants).await;
+        let journal: Vec<IssuedToken> = fresh
+            .iter()
+            .map(|(tenant, token)| IssuedToken {
+                tenant_id: tenant.clone(),
+                container: tenants
+                    .get(tenant)
+                    .map_or_else(String::new, |r| r.container.clone()),
+                fingerprint: token.fingerprint().as_str().to_owned(),
+                jti: token.jti(),
+            })
+            .collect();
+        store::journal_issued(self.store.pool(), &journal).await?;
         let new_tokens: Vec<NewToken> = fresh
             .iter()
             .filter_map(|(tenant, token)| {

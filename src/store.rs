@@ -140,6 +140,84 @@ impl Store {
     }
 }
 
+/// An issued token as journaled (fingerprint and `jti` only, never the token).
+pub struct IssuedToken {
+    /// The tenant.
+    pub tenant_id: String,
+    /// Its container.
+    pub container: String,
+    /// The token's fingerprint.
+    pub fingerprint: String,
+    /// The token's `jti`, when it has one.
+    pub jti: Option<String>,
+}
+
+/// Journals issued tokens in a transaction of their own, before the main transaction stores
+/// them, so a token whose storing never commits can still be found and revoked
+/// (`orphaned_tokens`). Asynchronous commit: this guards against the worker dying, and costs
+/// no extra disk flush.
+pub async fn journal_issued(pool: &PgPool, tokens: &[IssuedToken]) -> Result<(), StoreError> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO issued_tokens (tenant_id, container, token_fingerprint, jti)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])",
+    )
+    .bind(
+        tokens
+            .iter()
+            .map(|t| t.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tokens
+            .iter()
+            .map(|t| t.container.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tokens
+            .iter()
+            .map(|t| t.fingerprint.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(tokens.iter().map(|t| t.jti.as_deref()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Issued tokens that never became a tenant's stored token (for revocation).
+pub async fn orphaned_tokens(
+    pool: &PgPool,
+) -> Result<Vec<(IssuedToken, OffsetDateTime)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT tenant_id, container, token_fingerprint, jti, issued_at
+           FROM orphaned_tokens ORDER BY issued_at",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                IssuedToken {
+                    tenant_id: r.try_get(0)?,
+                    container: r.try_get(1)?,
+                    fingerprint: r.try_get(2)?,
+                    jti: r.try_get(3)?,
+                },
+                r.try_get(4)?,
+            ))
+        })
+        .collect()
+}
+
 /// Stored events of requests already handled, by request id.
 pub async fn known_requests(
     tx: &mut PgConnection,

@@ -454,7 +454,12 @@ async fn token_show_reveals_the_issued_token_only_when_asked() {
     let issuer = issuer(Duration::ZERO).await;
     let events = Collector::ready_events(&env).await;
     let args = env.run_args(&issuer.uri(), &[]);
-    let key = args.key.token_encryption_key.clone().expect("key");
+    let key = args
+        .key
+        .token_encryption_key
+        .as_ref()
+        .map(|k| k.expose().to_owned())
+        .expect("key");
     let worker = env.start_worker(&issuer.uri(), &[]).await;
     let producer = Producer::new(&env).await;
     let t = tenant("show");
@@ -523,5 +528,75 @@ async fn token_show_reveals_the_issued_token_only_when_asked() {
     assert_eq!(no_key.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("keygen"));
 
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("orphan");
+
+    // The first attempt to store this tenant's token fails after the issuer answered (as if
+    // the worker died before committing); the batch is retried and a second token is minted,
+    // because this issuer ignores the Idempotency-Key.
+    let mut db = env.db().await;
+    for sql in [
+        "CREATE SEQUENCE fail_once".to_owned(),
+        "CREATE FUNCTION fail_store() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF nextval('fail_once') = 1 THEN RAISE EXCEPTION 'injected failure'; END IF; \
+           RETURN NEW; END $$"
+            .to_owned(),
+        format!(
+            "CREATE TRIGGER fail_store BEFORE UPDATE OF token_ciphertext ON tenants \
+             FOR EACH ROW WHEN (NEW.tenant_id = '{t}') EXECUTE FUNCTION fail_store()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut db)
+            .await
+            .expect("install trigger");
+    }
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("orphan-1"))
+        .await;
+    let ev = events.wait_for(1, WAIT).await[0].json();
+    assert_eq!(ev["newly_issued"], true);
+
+    let calls = issue_calls(&issuer).await;
+    assert_eq!(calls.len(), 2, "the failed store cost one extra token");
+    let stored_jti: String = sqlx::query_scalar("SELECT jti FROM tenants WHERE tenant_id = $1")
+        .bind(&t)
+        .fetch_one(&mut db)
+        .await
+        .expect("stored jti");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-tokens"))
+        .args(["token", "orphans", "--json"])
+        .env("DATABASE_URL", &env.database_url)
+        .output()
+        .expect("run tenant-tokens");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let orphans: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert_eq!(orphans[0]["tenant_id"], t.as_str());
+    assert!(
+        orphans[0]["jti"]
+            .as_str()
+            .is_some_and(|j| !j.is_empty() && j != stored_jti)
+    );
+    assert_ne!(orphans[0]["token_fingerprint"], ev["token_fingerprint"]);
+
+    worker.stop().await;
     env.cleanup().await;
 }
