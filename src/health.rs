@@ -122,6 +122,11 @@ impl Breaker {
         self.closed.notify_waiters();
     }
 
+    /// Whether some task is probing the issuer right now.
+    pub fn is_probing(&self) -> bool {
+        self.probing.load(Ordering::Acquire)
+    }
+
     /// Becomes the one prober, unless another task already is.
     pub fn try_probe(&self) -> Option<ProbeGuard<'_>> {
         (!self.probing.swap(true, Ordering::AcqRel)).then_some(ProbeGuard(self))

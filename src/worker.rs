@@ -155,10 +155,20 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let mut dead_letter_poll = tokio::time::interval(Duration::from_secs(15));
         let ended: anyhow::Result<()> = loop {
+            // Breaker open: take no deliveries while a probe runs; with no probe running
+            // (the last one gave up), let one delivery through to become the probe.
+            let mut limit = self.batch_size;
             if self.ctx.health.breaker.is_open() {
                 tokio::select! {
                     () = shutdown.cancelled() => break Ok(()),
                     () = self.ctx.health.breaker.wait_closed() => {}
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                if self.ctx.health.breaker.is_open() {
+                    if self.ctx.health.breaker.is_probing() {
+                        continue;
+                    }
+                    limit = 1;
                 }
             }
             let first = tokio::select! {
@@ -178,7 +188,7 @@ impl Worker {
                 None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
             };
             let mut batch = vec![first];
-            while batch.len() < self.batch_size {
+            while batch.len() < limit {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(d))) => batch.push(d),
                     _ => break,
