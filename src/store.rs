@@ -160,13 +160,12 @@ pub async fn journal_issued(pool: &PgPool, tokens: &[IssuedToken]) -> Result<(),
     if tokens.is_empty() {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    // One statement, its own implicit transaction; set_config(.., true) scopes the
+    // asynchronous commit to it.
     sqlx::query(
-        "INSERT INTO issued_tokens (tenant_id, container, token_fingerprint, jti)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])",
+        "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
+         INSERT INTO issued_tokens (tenant_id, container, token_fingerprint, jti)
+         SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u, async_commit",
     )
     .bind(
         tokens
@@ -187,9 +186,8 @@ pub async fn journal_issued(pool: &PgPool, tokens: &[IssuedToken]) -> Result<(),
             .collect::<Vec<_>>(),
     )
     .bind(tokens.iter().map(|t| t.jti.as_deref()).collect::<Vec<_>>())
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 
