@@ -113,4 +113,8 @@ pub fn describe_metrics() {
     metrics::counter!(metric::TOKENS_ISSUED).increment(0);
     metrics::gauge!(metric::IN_FLIGHT).set(0.0);
     metrics::gauge!(metric::BREAKER_OPEN).set(0.0);
+    // Registered without a sample, so they are exported (empty) from the start.
+    let _ = metrics::histogram!(metric::ISSUER_DURATION);
+    let _ = metrics::histogram!(metric::HANDLE_DURATION);
+    let _ = metrics::gauge!(metric::DEAD_LETTERS);
 }
