@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use rand::Rng as _;
 use rand::seq::SliceRandom as _;
@@ -128,28 +125,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     // 3. A collector for ready events, bound before anything is published.
     let conn = broker::connect(&args.broker.amqp_url, "tenant-tokens demo").await?;
     let ch = conn.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    ch.queue_bind(
-        q.name().clone(),
-        topology::EVENTS_EXCHANGE.into(),
-        topology::TOKEN_READY.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    let queue = topology::declare_ready_listener(&ch).await?;
     let mut consumer = ch
         .basic_consume(
-            q.name().clone(),
+            queue,
             "demo-collector".into(),
             BasicConsumeOptions {
                 no_ack: true,

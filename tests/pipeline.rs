@@ -43,17 +43,46 @@ async fn issuer(delay: Duration) -> MockServer {
     server
 }
 
+/// The usual test set-up: an environment, an issuer, a ready-event collector bound before
+/// anything is published, one worker and a producer.
+struct Setup {
+    env: TestEnv,
+    issuer: MockServer,
+    events: Collector,
+    worker: support::WorkerHandle,
+    producer: Producer,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let env = TestEnv::new().await;
+        let issuer = issuer(Duration::ZERO).await;
+        let events = Collector::ready_events(&env).await;
+        let worker = env.start_worker(&issuer.uri(), &[]).await;
+        let producer = Producer::new(&env).await;
+        Self {
+            env,
+            issuer,
+            events,
+            worker,
+            producer,
+        }
+    }
+}
+
 async fn issue_calls(server: &MockServer) -> Vec<Request> {
     server.received_requests().await.unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_created_yields_one_stored_token_and_a_ready_event() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let worker = env.start_worker(&issuer.uri(), &[]).await;
-    let producer = Producer::new(&env).await;
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
     let t = tenant("acme");
 
     let mut h = FieldTable::default();
@@ -164,11 +193,13 @@ async fn tenant_created_yields_one_stored_token_and_a_ready_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extension_requested_for_a_provisioned_tenant_is_answered_from_postgres() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let worker = env.start_worker(&issuer.uri(), &[]).await;
-    let producer = Producer::new(&env).await;
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
     let t = tenant("lazy");
 
     // Lazy provisioning first (no tenant.created ever), then a second request.
@@ -265,11 +296,13 @@ async fn twenty_duplicates_on_two_workers_make_one_issue_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_message_yields_the_same_event() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let worker = env.start_worker(&issuer.uri(), &[]).await;
-    let producer = Producer::new(&env).await;
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
     let t = tenant("same");
 
     // The same message twice, and the same message without a message_id twice (digest identity).
@@ -314,11 +347,13 @@ async fn a_redelivered_message_yields_the_same_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_structured_mode_is_accepted() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let worker = env.start_worker(&issuer.uri(), &[]).await;
-    let producer = Producer::new(&env).await;
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
     let t = tenant("ce");
     let body = json!({
         "specversion": "1.0", "type": "tenant.created", "id": "ce-42", "source": "/tenants",
@@ -533,11 +568,13 @@ async fn token_show_reveals_the_issued_token_only_when_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let worker = env.start_worker(&issuer.uri(), &[]).await;
-    let producer = Producer::new(&env).await;
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
     let t = tenant("orphan");
 
     // The first attempt to store this tenant's token fails after the issuer answered (as if

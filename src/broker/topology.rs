@@ -163,6 +163,31 @@ pub async fn declare(ch: &Channel, retry_delays: &[Duration]) -> Result<(), lapi
     Ok(())
 }
 
+/// Declares a private queue (exclusive, deleted with its connection) that receives every
+/// `tenant.token.ready`, for the demo, the benchmark and tests that watch the worker's output.
+pub async fn declare_ready_listener(ch: &Channel) -> Result<ShortString, lapin::Error> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        EVENTS_EXCHANGE.into(),
+        TOKEN_READY.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(q.name().clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

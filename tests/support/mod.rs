@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use sqlx::{Connection as _, PgConnection};
@@ -395,28 +392,10 @@ impl Collector {
         let conn = env.connect().await;
         let ch = conn.create_channel().await.expect("channel");
         topology::declare(&ch, &[]).await.expect("topology");
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let queue = topology::declare_ready_listener(&ch)
             .await
             .expect("collector queue");
-        ch.queue_bind(
-            q.name().clone(),
-            topology::EVENTS_EXCHANGE.into(),
-            topology::TOKEN_READY.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-        Self::consume(conn, ch, q.name().as_str()).await
+        Self::consume(conn, ch, queue.as_str()).await
     }
 
     /// Dead letters (consumed and acked: the test owns its vhost).
