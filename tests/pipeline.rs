@@ -373,6 +373,7 @@ async fn cloudevents_structured_mode_is_accepted() {
             .as_str()
             .is_some_and(|c| c.starts_with("cloud-events-"))
     );
+    assert_eq!(issue_calls(&issuer).await.len(), 1);
     worker.stop().await;
     env.cleanup().await;
 }
