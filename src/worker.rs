@@ -175,6 +175,9 @@ impl Worker {
                 () = shutdown.cancelled() => break Ok(()),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 _ = dead_letter_poll.tick() => {
+                    if !publisher.is_open() {
+                        break Err(anyhow::anyhow!("the publishing channel closed"));
+                    }
                     if let Ok(q) = setup.queue_declare(topology::DEAD_LETTER_QUEUE.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await {
                         metrics::gauge!(metric::DEAD_LETTERS).set(f64::from(q.message_count()));
                     }
@@ -187,6 +190,9 @@ impl Worker {
                 Some(Err(e)) => break Err(e.into()),
                 None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
             };
+            if !publisher.is_open() {
+                break Err(anyhow::anyhow!("the publishing channel closed"));
+            }
             let mut batch = vec![first];
             while batch.len() < limit {
                 match consumer.next().now_or_never() {

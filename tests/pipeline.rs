@@ -638,3 +638,52 @@ async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_include_token_puts_the_token_into_the_event_but_not_into_storage() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env
+        .start_worker(&issuer.uri(), &["--event-include-token", "true"])
+        .await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("with-token");
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("wt-1"))
+        .await;
+    producer
+        .request("extension.requested", json!({"tenant_id": t}), Some("wt-2"))
+        .await;
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("wt-1"))
+        .await;
+    let got = events.wait_for(3, WAIT).await;
+    let tokens: Vec<String> = got
+        .iter()
+        .map(|r| {
+            r.json()["token"]
+                .as_str()
+                .expect("token in event")
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        tokens.iter().all(|t| t == &tokens[0]),
+        "the same token every time"
+    );
+    use sha2::Digest as _;
+    let fp = hex::encode(&sha2::Sha256::digest(tokens[0].as_bytes())[..8]);
+    assert_eq!(got[0].json()["token_fingerprint"], fp.as_str());
+    let mut db = env.db().await;
+    let stored: String = sqlx::query_scalar("SELECT string_agg(event, '|') FROM requests")
+        .fetch_one(&mut db)
+        .await
+        .expect("events");
+    assert!(
+        !stored.contains(&tokens[0]),
+        "recorded events never hold the token"
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}

@@ -35,6 +35,11 @@ impl Publisher {
         Ok(Self { channel })
     }
 
+    /// Whether the channel can still publish; a closed one ends the broker session.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Publishes and waits for the confirm. With `mandatory`, an unroutable message is an error.
     pub async fn publish(
         &self,
