@@ -129,7 +129,13 @@ impl Breaker {
 
     /// Becomes the one prober, unless another task already is.
     pub fn try_probe(&self) -> Option<ProbeGuard<'_>> {
-        (!self.probing.swap(true, Ordering::AcqRel)).then_some(ProbeGuard(self))
+        // Not `then_some(ProbeGuard(self))`: that builds the guard eagerly, and dropping
+        // the unused guard of a refused caller would end the current probe's turn.
+        if self.probing.swap(true, Ordering::AcqRel) {
+            None
+        } else {
+            Some(ProbeGuard(self))
+        }
     }
 
     /// Waits until the breaker is closed.
@@ -166,6 +172,10 @@ mod tests {
         let g = b.try_probe();
         assert!(g.is_some());
         assert!(b.try_probe().is_none());
+        assert!(
+            b.try_probe().is_none(),
+            "a refused try leaves the probe to its holder"
+        );
         drop(g);
         assert!(b.try_probe().is_some());
     }
