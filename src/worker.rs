@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
@@ -198,6 +198,38 @@ impl Worker {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(d))) => batch.push(d),
                     _ => break,
+                }
+            }
+            // The breaker may have opened while this loop waited for the delivery (the check
+            // above ran before). Send no batch to an issuer that refuses us: hold it until
+            // the breaker closes, or, when no probe is running, let its first delivery
+            // through as the probe and hand the rest back to the queue. On shutdown the held
+            // deliveries go back when the channel closes.
+            if limit > 1 && self.ctx.health.breaker.is_open() {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = self.ctx.health.breaker.wait_closed() => break,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    if !self.ctx.health.breaker.is_open() {
+                        break;
+                    }
+                    if !self.ctx.health.breaker.is_probing() {
+                        for d in batch.drain(1..) {
+                            let requeue = BasicNackOptions {
+                                requeue: true,
+                                multiple: false,
+                            };
+                            if let Err(e) = d.acker.nack(requeue).await {
+                                tracing::warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
+                            }
+                        }
+                        break;
+                    }
+                }
+                if shutdown.is_cancelled() {
+                    break Ok(());
                 }
             }
             let Ok(permit) = slots.clone().acquire_owned().await else {
