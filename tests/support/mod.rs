@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use sqlx::{Connection as _, PgConnection};
@@ -167,25 +169,23 @@ impl TestEnv {
             #[command(flatten)]
             run: RunArgs,
         }
-        let key = tenant_tokens::crypto::EncryptionKey::generate_base64();
-        let key = TEST_KEY.get_or_init(|| key).clone();
-        let mut args: Vec<String> = vec![
-            "test".into(),
-            "--amqp-url".into(),
-            self.amqp_url.clone(),
-            "--database-url".into(),
-            self.database_url.clone(),
-            "--issuer-url".into(),
-            issuer_url.into(),
-            "--issuer-master-token".into(),
-            MASTER_TOKEN.into(),
-            "--token-encryption-key".into(),
-            key,
-            "--ops-addr".into(),
-            "127.0.0.1:0".into(),
-            "--retry-delays".into(),
-            "200ms,400ms".into(),
+        let defaults = [
+            ("--amqp-url", self.amqp_url.clone()),
+            ("--database-url", self.database_url.clone()),
+            ("--issuer-url", issuer_url.to_owned()),
+            ("--issuer-master-token", MASTER_TOKEN.to_owned()),
+            ("--token-encryption-key", test_key()),
+            ("--ops-addr", "127.0.0.1:0".to_owned()),
+            ("--retry-delays", "200ms,400ms".to_owned()),
         ];
+        let mut args: Vec<String> = vec!["test".into()];
+        // A flag given in `extra` replaces the default (clap refuses a flag given twice).
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.push(flag.to_owned());
+                args.push(value);
+            }
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         W::try_parse_from(args).expect("valid test flags").run
     }
@@ -232,6 +232,13 @@ impl TestEnv {
 }
 
 static TEST_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The encryption key of this test process (the same for in-process and child workers).
+pub fn test_key() -> String {
+    TEST_KEY
+        .get_or_init(tenant_tokens::crypto::EncryptionKey::generate_base64)
+        .clone()
+}
 
 /// The master token every test issuer expects.
 pub const MASTER_TOKEN: &str = "test-master-token-0123456789";
@@ -513,4 +520,515 @@ pub fn fake_jwt(ten: &str, jti: &str) -> String {
         e.encode(serde_json::json!({"ten": ten, "jti": jti}).to_string()),
         e.encode(b"signature")
     )
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection: broker connections, queues, child processes, a severable TCP
+// proxy, and the invariants every recovery test checks.
+
+impl TestEnv {
+    /// Connections of this test's vhost, as the management API lists them:
+    /// `(connection name, client-given connection_name)`.
+    pub async fn connections(&self) -> Vec<(String, String)> {
+        let resp = reqwest::Client::new()
+            .get(format!(
+                "{}/api/vhosts/{}/connections",
+                self.management, self.name
+            ))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API: list connections");
+        assert!(
+            resp.status().is_success(),
+            "list connections: {}",
+            resp.status()
+        );
+        let list: Vec<serde_json::Value> = resp.json().await.expect("connections JSON");
+        list.iter()
+            .filter_map(|c| {
+                let name = c["name"].as_str()?.to_owned();
+                let client = c["client_properties"]["connection_name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                Some((name, client))
+            })
+            .collect()
+    }
+
+    /// Force-closes, through the management API, every connection of this test's vhost
+    /// whose client-given name is `client_name` (e.g. `tenant-tokens worker`); returns how
+    /// many were closed. Never touches another vhost. (The API lists a connection only
+    /// after its first statistics, up to 5 s after it opened.)
+    pub async fn close_connections(&self, client_name: &str) -> usize {
+        let mut closed = 0;
+        for (name, client) in self.connections().await {
+            if client == client_name && self.close_connection(&name).await {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Force-closes one connection by its management API name; whether it was closed.
+    pub async fn close_connection(&self, name: &str) -> bool {
+        let mut url = reqwest::Url::parse(&self.management).expect("management URL");
+        url.path_segments_mut()
+            .expect("management base URL")
+            .pop_if_empty()
+            .extend(["api", "connections", name]);
+        let resp = reqwest::Client::new()
+            .delete(url)
+            .basic_auth("guest", Some("guest"))
+            .header("X-Reason", "fault injection by a test")
+            .send()
+            .await
+            .expect("management API: close connection");
+        resp.status().is_success()
+    }
+
+    /// Messages ready (not counting unacked ones) in a queue of this vhost.
+    pub async fn queue_ready(&self, queue: &str) -> u32 {
+        let conn = self.connect().await;
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
+        let _ = conn.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Stored tokens: tenant id → token fingerprint (tenants that have one).
+    pub async fn stored_tokens(&self) -> HashMap<String, String> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT tenant_id, token_fingerprint FROM tenants WHERE issued_at IS NOT NULL",
+        )
+        .fetch_all(&mut self.db().await)
+        .await
+        .expect("stored tokens");
+        rows.into_iter().collect()
+    }
+
+    /// `host:port` of the Postgres server.
+    pub fn database_host_port(&self) -> String {
+        host_port(&self.database_url, 5432)
+    }
+
+    /// This test's database URL with the server replaced by `addr` (e.g. a [`TcpProxy`]).
+    pub fn database_url_via(&self, addr: std::net::SocketAddr) -> String {
+        let url = &self.database_url;
+        let after = url.find("://").map_or(0, |i| i + 3);
+        let path = url[after..].find('/').map_or(url.len(), |i| after + i);
+        let host_start = url[after..path].rfind('@').map_or(after, |i| after + i + 1);
+        format!("{}{addr}{}", &url[..host_start], &url[path..])
+    }
+
+    /// Environment of `tenant-tokens run` for this test (the same settings as
+    /// [`TestEnv::run_args`]); `extra` entries replace the defaults.
+    pub fn run_env(&self, issuer_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("AMQP_URL", self.amqp_url.as_str()),
+            ("DATABASE_URL", self.database_url.as_str()),
+            ("ISSUER_URL", issuer_url),
+            ("ISSUER_MASTER_TOKEN", MASTER_TOKEN),
+            ("RETRY_DELAYS", "200ms,400ms"),
+            ("LOG_FORMAT", "json"),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        env.push(("TOKEN_ENCRYPTION_KEY".into(), test_key()));
+        for (k, v) in extra {
+            env.retain(|(name, _)| name != k);
+            env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        env
+    }
+
+    /// Starts `tenant-tokens run` as a child process (its own ops port; log in the target
+    /// directory, kept only when the test fails). Does not wait for readiness.
+    pub fn spawn_worker(&self, issuer_url: &str, extra: &[(&str, &str)]) -> ChildWorker {
+        let ops = free_local_addr();
+        let seq = CHILD_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{}-worker-{seq}.log", self.name));
+        let out = std::fs::File::create(&log).expect("child log file");
+        let err = out.try_clone().expect("child log file");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-tokens"));
+        cmd.arg("run")
+            .env_clear()
+            .envs(self.run_env(issuer_url, extra))
+            .env("OPS_ADDR", ops.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().expect("spawn tenant-tokens run");
+        ChildWorker {
+            child,
+            ops,
+            log,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+static CHILD_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A local address nobody listens on right now (for a child's `OPS_ADDR`).
+pub fn free_local_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// `tenant-tokens run` in a child process. Killed (SIGKILL) when dropped while running.
+pub struct ChildWorker {
+    child: std::process::Child,
+    /// Its ops address (`/readyz`, `/metrics`).
+    pub ops: std::net::SocketAddr,
+    log: std::path::PathBuf,
+    http: reqwest::Client,
+}
+
+impl ChildWorker {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        self.http
+            .get(format!("http://{}/readyz", self.ops))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    /// Waits until `/readyz` answers 200; panics (with the log) at the deadline or if the
+    /// process exits.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ready().await {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "worker exited with {status} before ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker not ready within {timeout:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM {}", self.pid());
+    }
+
+    /// Waits for the process to exit; panics (with the log) at the deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit within {timeout:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGTERM and wait; asserts exit code 0.
+    pub async fn stop(mut self) {
+        self.terminate();
+        let status = self.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "graceful stop exits 0:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Its whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildWorker {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!("worker log kept: {}", self.log.display());
+        }
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that a test can sever (drop every live connection and refuse
+/// new ones) and restore, to cut a process off from a server without touching the server.
+pub struct TcpProxy {
+    /// Where to connect instead of the server.
+    pub addr: std::net::SocketAddr,
+    inner: Arc<ProxyInner>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyInner {
+    /// Guarded together with the live connections, so that no connection slips past a cut.
+    state: Mutex<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    severed: bool,
+    live: Vec<tokio::task::AbortHandle>,
+    accepted: u64,
+}
+
+impl TcpProxy {
+    /// Listens on 127.0.0.1:0 and forwards to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy listener");
+        let addr = listener.local_addr().expect("proxy address");
+        let inner = Arc::new(ProxyInner::default());
+        let shared = inner.clone();
+        let upstream = upstream.to_owned();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut state = shared.state.lock().expect("proxy state");
+                if state.severed {
+                    drop(client);
+                    continue;
+                }
+                state.accepted += 1;
+                state.live.retain(|h| !h.is_finished());
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                state.live.push(task.abort_handle());
+            }
+        });
+        Self {
+            addr,
+            inner,
+            accept,
+        }
+    }
+
+    /// Drops every live connection and refuses new ones (accepted, then closed at once).
+    pub fn sever(&self) {
+        let mut state = self.inner.state.lock().expect("proxy state");
+        state.severed = true;
+        for h in state.live.drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.inner.state.lock().expect("proxy state").severed = false;
+    }
+
+    /// Connections forwarded so far.
+    pub fn accepted(&self) -> u64 {
+        self.inner.state.lock().expect("proxy state").accepted
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.sever();
+    }
+}
+
+impl Producer {
+    /// Publishes many `(routing key, JSON body, message id)` requests, confirms awaited
+    /// together per chunk (much faster than one round trip each).
+    pub async fn requests(&self, items: Vec<(String, serde_json::Value, String)>) {
+        for chunk in items.chunks(256) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for (key, body, id) in chunk {
+                let props = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_message_id(id.as_str().into());
+                let confirm = self
+                    .ch
+                    .basic_publish(
+                        topology::EVENTS_EXCHANGE.into(),
+                        key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.to_string().as_bytes(),
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for c in confirms {
+                assert!(c.await.expect("confirm").is_ack(), "publish confirmed");
+            }
+        }
+    }
+}
+
+/// A stub issuer on a free local port that accepts [`MASTER_TOKEN`].
+pub async fn stub_issuer(latency: Duration) -> tenant_tokens::stub_issuer::StubIssuer {
+    let mut cfg = tenant_tokens::stub_issuer::StubConfig::new(secrecy::SecretString::from(
+        MASTER_TOKEN.to_owned(),
+    ));
+    cfg.latency = latency;
+    tenant_tokens::stub_issuer::StubIssuer::start("127.0.0.1:0".parse().expect("address"), cfg)
+        .await
+        .expect("stub issuer")
+}
+
+/// Issue requests the stub has received but not answered yet (it counts a request on
+/// arrival and its outcome after the latency).
+pub fn stub_in_flight(s: &tenant_tokens::stub_issuer::StubStats) -> u64 {
+    s.requests
+        .saturating_sub(s.issued + s.replayed + s.failed + s.unauthorized)
+}
+
+/// Tenant ids that have at least one ready event among `events`.
+pub fn tenants_with_events(events: &[Received]) -> std::collections::HashSet<String> {
+    events
+        .iter()
+        .filter_map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()?
+                .get("tenant_id")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Waits until every tenant in `tenants` has a ready event.
+pub async fn wait_for_tenants(events: &Collector, tenants: &[String], timeout: Duration) {
+    let want: std::collections::HashSet<&str> = tenants.iter().map(String::as_str).collect();
+    events
+        .wait_until(
+            &format!("a ready event for each of {} tenants", tenants.len()),
+            timeout,
+            |all| {
+                let have = tenants_with_events(all);
+                want.iter().all(|t| have.contains(*t))
+            },
+        )
+        .await;
+}
+
+/// What [`audit`] found.
+#[derive(Debug)]
+pub struct Audit {
+    /// Ready events received.
+    pub events: usize,
+    /// Distinct event ids among them.
+    pub distinct_events: usize,
+}
+
+/// Checks the recoverability promises for `tenants` against the ready events received and
+/// the database, and panics with the evidence when one is broken:
+/// every tenant has exactly one stored token; at least one ready event, each carrying that
+/// token's fingerprint; exactly one distinct event id with `newly_issued: true`; and every
+/// copy of an event (same event id) is identical, `newly_issued` included.
+pub async fn audit(env: &TestEnv, events: &[Received], tenants: &[String]) -> Audit {
+    let stored = env.stored_tokens().await;
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut by_tenant: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for r in events {
+        let v = r.json();
+        let id = v["event_id"].as_str().expect("event_id").to_owned();
+        if let Some(prev) = by_id.get(&id) {
+            assert_eq!(prev, &v, "every copy of event {id} is the same event");
+        } else {
+            by_id.insert(id, v.clone());
+        }
+        let t = v["tenant_id"].as_str().unwrap_or_default().to_owned();
+        by_tenant.entry(t).or_default().push(v);
+    }
+    for t in tenants {
+        let fp = stored
+            .get(t)
+            .unwrap_or_else(|| panic!("tenant {t} has no stored token"));
+        let evs = by_tenant
+            .get(t)
+            .unwrap_or_else(|| panic!("tenant {t} has no ready event"));
+        for e in evs {
+            assert_eq!(
+                e["token_fingerprint"].as_str(),
+                Some(fp.as_str()),
+                "tenant {t}: event {e} carries the stored token's fingerprint"
+            );
+        }
+        let newly: std::collections::HashSet<&str> = evs
+            .iter()
+            .filter(|e| e["newly_issued"] == true)
+            .filter_map(|e| e["event_id"].as_str())
+            .collect();
+        assert_eq!(
+            newly.len(),
+            1,
+            "tenant {t}: exactly one request reports newly_issued, got {newly:?}"
+        );
+    }
+    Audit {
+        events: events.len(),
+        distinct_events: by_id.len(),
+    }
 }
