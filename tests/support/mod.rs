@@ -664,7 +664,7 @@ impl TestEnv {
             .join(format!("{}-worker-{seq}.log", self.name));
         let out = std::fs::File::create(&log).expect("child log file");
         let err = out.try_clone().expect("child log file");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-tokens"));
+        let mut cmd = std::process::Command::new(worker_binary());
         cmd.arg("run")
             .env_clear()
             .envs(self.run_env(issuer_url, extra))
@@ -683,6 +683,37 @@ impl TestEnv {
 }
 
 static CHILD_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A private hard link (or copy) of the `tenant-tokens` binary this test was built with,
+/// made at first use. Worktrees may share a target directory, and a build there replaces
+/// the binary: a worker restarted by a long test would otherwise run other code.
+pub fn worker_binary() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = std::path::Path::new(env!("CARGO_BIN_EXE_tenant-tokens"));
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        const PREFIX: &str = "tenant-tokens-bin-";
+        // Links left by test processes that are gone (where /proc tells which are alive).
+        if std::path::Path::new("/proc/self").exists()
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix(PREFIX)
+                    && !std::path::Path::new("/proc").join(pid).exists()
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let dst = dir.join(format!("{PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_file(&dst);
+        if std::fs::hard_link(src, &dst).is_err() {
+            std::fs::copy(src, &dst).expect("copy the tenant-tokens binary");
+        }
+        dst
+    })
+}
 
 /// A local address nobody listens on right now (for a child's `OPS_ADDR`).
 pub fn free_local_addr() -> std::net::SocketAddr {
