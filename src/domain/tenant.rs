@@ -11,6 +11,12 @@ impl TenantId {
     pub const MAX_LEN: usize = 128;
 
     /// Validates `raw` as a tenant id; the error says what is wrong, without echoing long input.
+    ///
+    /// ```
+    /// use tenant_tokens::domain::TenantId;
+    /// assert_eq!(TenantId::parse("acme-42").map(|t| t.to_string()), Ok("acme-42".to_owned()));
+    /// assert!(TenantId::parse("-acme").is_err());
+    /// ```
     pub fn parse(raw: &str) -> Result<Self, String> {
         if raw.is_empty() {
             return Err("tenant_id is empty".into());
