@@ -102,7 +102,8 @@ pub struct BenchArgs {
     /// Another flag for the worker's `run`, e.g. `--worker-arg=--issuer-timeout=2s` (repeatable).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
-    /// `RUST_LOG` of the worker (it logs one line per request at `info`).
+    /// `RUST_LOG` of the worker (it logs one line per request at `info`); the start-up line
+    /// with the ops address is kept at `info` whatever this says.
     #[arg(long, default_value = "info")]
     pub worker_log: String,
     /// Append the worker's log (stderr) to this file; by default it is read and dropped.
@@ -1007,7 +1008,11 @@ impl ChildWorker {
         cmd.env("ISSUER_MASTER_TOKEN", &args.issuer_master_token)
             .env("TOKEN_ENCRYPTION_KEY", EncryptionKey::generate_base64())
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", &args.worker_log)
+            // The ops address is logged by `cli` at info; the bench needs that line.
+            .env(
+                "RUST_LOG",
+                format!("{},tenant_tokens::cli=info", args.worker_log),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
