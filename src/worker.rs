@@ -178,15 +178,13 @@ impl Worker {
                 None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
             };
             let mut batch = vec![first];
-            while batch.len() < self.batch_size {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    _ => break,
-                }
-            }
+            self.take_ready(&mut consumer, &mut batch);
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break Ok(());
             };
+            // Deliveries that arrived while every slot was busy join this batch rather than
+            // wait for the next free slot.
+            self.take_ready(&mut consumer, &mut batch);
             let ctx = self.ctx.clone();
             let publisher = publisher.clone();
             tasks.spawn(async move {
@@ -211,5 +209,20 @@ impl Worker {
         let _ = consume.close(200, "shutdown".into()).await;
         let _ = conn.close(200, "shutdown".into()).await;
         ended
+    }
+
+    /// Adds the deliveries that are already waiting to `batch`, up to `BATCH_SIZE`, without
+    /// waiting for more.
+    fn take_ready(
+        &self,
+        consumer: &mut lapin::Consumer,
+        batch: &mut Vec<lapin::message::Delivery>,
+    ) {
+        while batch.len() < self.batch_size {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
     }
 }
