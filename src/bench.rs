@@ -102,6 +102,10 @@ pub struct BenchArgs {
     /// Another flag for the worker's `run`, e.g. `--worker-arg=--issuer-timeout=2s` (repeatable).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+    /// An environment variable for the worker, `NAME=VALUE` (repeatable), e.g.
+    /// `TOKIO_WORKER_THREADS=1`.
+    #[arg(long = "worker-env", value_parser = parse_env_pair)]
+    pub worker_env: Vec<(String, String)>,
     /// `RUST_LOG` of the worker (it logs one line per request at `info`); the start-up line
     /// with the ops address is kept at `info` whatever this says.
     #[arg(long, default_value = "info")]
@@ -1005,6 +1009,7 @@ impl ChildWorker {
         ] {
             cmd.env_remove(var);
         }
+        cmd.envs(args.worker_env.iter().map(|(k, v)| (k, v)));
         cmd.env("ISSUER_MASTER_TOKEN", &args.issuer_master_token)
             .env("TOKEN_ENCRYPTION_KEY", EncryptionKey::generate_base64())
             .env("LOG_FORMAT", "json")
@@ -1093,6 +1098,13 @@ impl ChildWorker {
             return;
         }
         let _ = self.child.kill().await;
+    }
+}
+
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
     }
 }
 
@@ -1477,6 +1489,7 @@ fn settings_json(a: &BenchArgs) -> serde_json::Value {
         "batch_size": a.batch_size,
         "db_pool_size": a.db_pool_size,
         "worker_args": a.worker_args,
+        "worker_env": a.worker_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "worker_log": a.worker_log,
         "worker_pid": a.worker_pid,
         "runs": a.runs,
