@@ -52,6 +52,10 @@ pub enum Command {
     StubIssuer(crate::stub_issuer::StubArgs),
     /// The whole flow on this machine with the stub issuer, with progress and a summary.
     Demo(crate::demo::DemoArgs),
+    /// Measure the worker (a child process, or --worker-pid) against the stub issuer:
+    /// throughput, latency, RSS, CPU, start-up; vhost `bench` and database
+    /// `tenant_tokens_bench` by default.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// `migrate`.
@@ -193,6 +197,14 @@ pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Demo(args) => {
             telemetry::init_tracing(cli.log_format, "warn");
             Ok(if crate::demo::run(args).await? { 0 } else { 1 })
+        }
+        Command::Bench(args) => {
+            telemetry::init_tracing(cli.log_format, "warn");
+            Ok(if crate::bench::run(*args).await? {
+                0
+            } else {
+                1
+            })
         }
     }
 }

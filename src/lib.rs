@@ -7,6 +7,7 @@
 //! confirm and acks. [`worker`] runs that in batches over one broker connection and keeps it
 //! alive; [`cli`] is the command line.
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod configuration;

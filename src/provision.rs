@@ -11,6 +11,11 @@
 //!    together — the event is decided in the same transaction as the token, so a crash between
 //!    commit and publish is repaired by the redelivery, which finds and republishes it.
 //!
+//! Round trips to Postgres per batch: one read for steps 1 and 2 (recorded requests and
+//! committed tokens never change, so it needs no transaction); when every tenant already has
+//! its token, one more statement records the requests and that is all. Otherwise `BEGIN`, the
+//! claim, one statement that stores the tokens and records the requests, and `COMMIT`.
+//!
 //! Issuer failures are per request (the rest of the batch goes on); a database failure fails
 //! the whole batch, which is then retried as a whole.
 
@@ -72,28 +77,26 @@ impl Provisioner {
 
     /// Handles a batch; outcomes are in the order of `reqs`.
     pub async fn provision(&self, reqs: &[ProvisionRequest]) -> Result<Vec<Outcome>, StoreError> {
-        let mut tx = self.store.pool().begin().await?;
-
         // The first request of each tenant names its container and carries its parsed id.
         let mut first: HashMap<&str, &ProvisionRequest> = HashMap::new();
         for r in reqs {
             first.entry(r.tenant_id.as_str()).or_insert(r);
         }
         let ids: Vec<String> = unique(reqs.iter().map(|r| r.identity.as_str()));
-        let known = store::known_requests(&mut tx, &ids).await?;
+        let batch_tenants: Vec<String> = unique(reqs.iter().map(|r| r.tenant_id.as_str()));
+
+        // Recorded requests and committed tokens never change, so one read without a
+        // transaction or a lock finds both (for every tenant of the batch: a superset of those
+        // whose requests are new, which costs nothing and saves a round trip).
+        let mut conn = self.store.pool().acquire().await?;
+        let (known, mut tenants) =
+            store::lookup(&mut conn, &ids, &batch_tenants, self.include_token).await?;
 
         let wanted: Vec<String> = unique(
             reqs.iter()
                 .filter(|r| self.include_token || !known.contains_key(r.identity.as_str()))
                 .map(|r| r.tenant_id.as_str()),
         );
-        let mut tenants = if wanted.is_empty() {
-            HashMap::new()
-        } else {
-            store::provisioned(&mut tx, &wanted, self.include_token).await?
-        };
-
-        // Claim tenants without a token.
         let claims: Vec<(String, String, Option<String>)> = wanted
             .iter()
             .filter(|t| !tenants.contains_key(t.as_str()))
@@ -108,10 +111,22 @@ impl Provisioner {
                 )
             })
             .collect();
-        if !claims.is_empty() {
-            for row in store::claim(&mut tx, &claims, self.include_token).await? {
-                tenants.insert(row.tenant_id.clone(), row);
-            }
+
+        if claims.is_empty() {
+            // Every tenant has its token: the events follow from what was read, and one
+            // statement (atomic on its own) records the new requests.
+            let no_failures = HashMap::new();
+            let (outcomes, new_requests) =
+                decide(reqs, &known, &tenants, &no_failures, &mut HashSet::new())?;
+            let lost_races = store::record_requests(&mut conn, &new_requests).await?;
+            return self.finish(reqs, outcomes, &lost_races, &HashMap::new(), &tenants);
+        }
+
+        // Claim tenants without a token; the row locks are held until the commit.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let (claimed, now) = store::claim(&mut tx, &claims, self.include_token).await?;
+        for row in claimed {
+            tenants.insert(row.tenant_id.clone(), row);
         }
 
         let (fresh, failures) = self.issue_missing(&first, &tenants).await;
@@ -139,70 +154,51 @@ impl Provisioner {
                 })
             })
             .collect();
-        let stored = store::store_tokens(&mut tx, &new_tokens).await?;
+        // The tokens are stored with `issued_at = now()`, the transaction's start time, which
+        // the claim returned: so the events can be decided before the statement that stores
+        // the tokens, and that one statement records the requests too.
         let mut newly: HashSet<String> = HashSet::new();
-        for (tenant, issued_at) in stored {
-            if let (Some(row), Some(token)) = (tenants.get_mut(&tenant), fresh.get(&tenant)) {
+        for token in &new_tokens {
+            if let (Some(row), Some(t), Some(now)) = (
+                tenants.get_mut(&token.tenant_id),
+                fresh.get(&token.tenant_id),
+                now,
+            ) {
                 row.token = Some(StoredToken {
-                    fingerprint: token.fingerprint().as_str().to_owned(),
-                    issued_at,
-                    jti: token.jti(),
+                    fingerprint: t.fingerprint().as_str().to_owned(),
+                    issued_at: now,
+                    jti: t.jti(),
                     sealed: None,
                 });
-                newly.insert(tenant);
+                newly.insert(token.tenant_id.clone());
             }
         }
-        metrics::counter!(metric::TOKENS_ISSUED).increment(newly.len() as u64);
-
-        let mut outcomes = Vec::with_capacity(reqs.len());
-        let mut new_requests = Vec::new();
-        let mut decided: HashMap<&str, usize> = HashMap::new();
-        for r in reqs {
-            let id = r.identity.as_str();
-            let tenant = r.tenant_id.as_str();
-            let outcome = if let Some(stored) = known.get(id) {
-                Outcome::Ready(Box::new(parse_event(stored)?))
-            } else if let Some(&i) = decided.get(id) {
-                match &outcomes[i] {
-                    Outcome::Ready(e) => Outcome::Ready(e.clone()),
-                    Outcome::Failed(e) => Outcome::Failed(e.clone()),
-                }
-            } else if let Some(e) = failures.get(tenant) {
-                Outcome::Failed(e.clone())
-            } else if let Some(token) = tenants.get(tenant).and_then(|row| row.token.as_ref()) {
-                let container = tenants.get(tenant).map_or("", |row| row.container.as_str());
-                let event = ReadyEvent {
-                    event_id: r.identity.event_id(),
-                    tenant_id: tenant.to_owned(),
-                    container: container.to_owned(),
-                    token_fingerprint: token.fingerprint.clone(),
-                    issued_at: rfc3339(token.issued_at),
-                    newly_issued: newly.remove(tenant),
-                    trigger: r.trigger.as_str().to_owned(),
-                    correlation_id: id.to_owned(),
-                    token: None,
-                };
-                new_requests.push(NewRequest {
-                    request_id: id.to_owned(),
-                    tenant_id: tenant.to_owned(),
-                    event_id: event.event_id,
-                    event: serde_json::to_string(&event).unwrap_or_default(),
-                });
-                decided.insert(id, outcomes.len());
-                Outcome::Ready(Box::new(event))
-            } else {
-                // A claimed row always has a token or an issue failure; this is a bug.
-                Outcome::Failed(IssuerError::Transient {
-                    message: "internal: tenant neither provisioned nor failed".into(),
-                    status: None,
-                    retry_after: None,
-                })
-            };
-            outcomes.push(outcome);
+        let issued = newly.len();
+        let (outcomes, new_requests) = decide(reqs, &known, &tenants, &failures, &mut newly)?;
+        let (stored, lost_races) =
+            store::store_and_record(&mut tx, &new_tokens, &new_requests).await?;
+        if stored != issued {
+            // A claimed row is locked by this transaction, so every token is stored; anything
+            // else is a bug: roll back and let the batch be retried.
+            return Err(StoreError::from(sqlx::Error::Protocol(format!(
+                "stored {stored} of {issued} tokens of claimed tenants"
+            ))));
         }
-        let lost_races = store::record_requests(&mut tx, &new_requests).await?;
+        metrics::counter!(metric::TOKENS_ISSUED).increment(issued as u64);
         tx.commit().await?;
+        self.finish(reqs, outcomes, &lost_races, &fresh, &tenants)
+    }
 
+    /// After the requests are recorded: the stored event of a request that a concurrent
+    /// worker recorded first wins, and `EVENT_INCLUDE_TOKEN` puts the token in.
+    fn finish(
+        &self,
+        reqs: &[ProvisionRequest],
+        mut outcomes: Vec<Outcome>,
+        lost_races: &HashMap<String, String>,
+        fresh: &HashMap<String, TenantToken>,
+        tenants: &HashMap<String, TenantRow>,
+    ) -> Result<Vec<Outcome>, StoreError> {
         for (r, outcome) in reqs.iter().zip(outcomes.iter_mut()) {
             if let Outcome::Ready(event) = outcome {
                 if let Some(stored) = lost_races.get(r.identity.as_str()) {
@@ -263,6 +259,65 @@ impl Provisioner {
             }
         }
     }
+}
+
+/// The outcome of each request, and the requests to record with their events. `newly` holds
+/// the tenants whose token this batch stored; the first request of each says `newly_issued`.
+fn decide(
+    reqs: &[ProvisionRequest],
+    known: &HashMap<String, String>,
+    tenants: &HashMap<String, TenantRow>,
+    failures: &HashMap<String, IssuerError>,
+    newly: &mut HashSet<String>,
+) -> Result<(Vec<Outcome>, Vec<NewRequest>), StoreError> {
+    let mut outcomes = Vec::with_capacity(reqs.len());
+    let mut new_requests = Vec::new();
+    let mut decided: HashMap<&str, usize> = HashMap::new();
+    for r in reqs {
+        let id = r.identity.as_str();
+        let tenant = r.tenant_id.as_str();
+        let outcome = if let Some(stored) = known.get(id) {
+            Outcome::Ready(Box::new(parse_event(stored)?))
+        } else if let Some(&i) = decided.get(id) {
+            match &outcomes[i] {
+                Outcome::Ready(e) => Outcome::Ready(e.clone()),
+                Outcome::Failed(e) => Outcome::Failed(e.clone()),
+            }
+        } else if let Some(e) = failures.get(tenant) {
+            Outcome::Failed(e.clone())
+        } else if let Some(row) = tenants.get(tenant)
+            && let Some(token) = row.token.as_ref()
+        {
+            let event = ReadyEvent {
+                event_id: r.identity.event_id(),
+                tenant_id: tenant.to_owned(),
+                container: row.container.clone(),
+                token_fingerprint: token.fingerprint.clone(),
+                issued_at: rfc3339(token.issued_at),
+                newly_issued: newly.remove(tenant),
+                trigger: r.trigger.as_str().to_owned(),
+                correlation_id: id.to_owned(),
+                token: None,
+            };
+            new_requests.push(NewRequest {
+                request_id: id.to_owned(),
+                tenant_id: tenant.to_owned(),
+                event_id: event.event_id,
+                event: serde_json::to_string(&event).unwrap_or_default(),
+            });
+            decided.insert(id, outcomes.len());
+            Outcome::Ready(Box::new(event))
+        } else {
+            // A claimed row always has a token or an issue failure; this is a bug.
+            Outcome::Failed(IssuerError::Transient {
+                message: "internal: tenant neither provisioned nor failed".into(),
+                status: None,
+                retry_after: None,
+            })
+        };
+        outcomes.push(outcome);
+    }
+    Ok((outcomes, new_requests))
 }
 
 fn parse_event(stored: &str) -> Result<ReadyEvent, StoreError> {

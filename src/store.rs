@@ -4,9 +4,9 @@
 //! # How a tenant gets exactly one token
 //!
 //! A token is written once and never changed, so a committed token can be read without a
-//! lock ([`provisioned`]). A tenant without one is *claimed* by [`claim`]: an upsert of its
+//! lock ([`lookup`]). A tenant without one is *claimed* by [`claim`]: an upsert of its
 //! row that takes the row lock and keeps it until the transaction ends. The transaction then
-//! calls the issuer, stores the token ([`store_tokens`]) and commits. A second worker (another
+//! calls the issuer, stores the token ([`store_and_record`]) and commits. A second worker (another
 //! process, or a duplicate in flight) that claims the same tenant blocks on the row lock until
 //! the first commits, then finds the token and calls no issuer. If the first dies, Postgres
 //! ends its transaction and releases the lock, and the waiter issues instead (with the same
@@ -216,6 +216,46 @@ pub async fn orphaned_tokens(
         .collect()
 }
 
+/// One read for a batch: the stored events of requests already handled (by request id) and
+/// the tenants among `tenant_ids` whose token is committed. No lock: neither ever changes.
+pub async fn lookup(
+    conn: &mut PgConnection,
+    request_ids: &[String],
+    tenant_ids: &[String],
+    with_ciphertext: bool,
+) -> Result<(HashMap<String, String>, HashMap<String, TenantRow>), StoreError> {
+    let rows = sqlx::query(
+        "SELECT request_id, NULL::text, NULL::text, NULL::timestamptz, NULL::text,
+                NULL::bytea, NULL::text, event
+           FROM requests
+          WHERE request_id = ANY($1)
+         UNION ALL
+         SELECT tenant_id, container, token_fingerprint, issued_at, jti,
+                CASE WHEN $3 THEN token_ciphertext END, key_id, NULL::text
+           FROM tenants
+          WHERE tenant_id = ANY($2) AND issued_at IS NOT NULL",
+    )
+    .bind(request_ids)
+    .bind(tenant_ids)
+    .bind(with_ciphertext)
+    .fetch_all(conn)
+    .await?;
+    let mut known = HashMap::new();
+    let mut tenants = HashMap::new();
+    for r in rows {
+        match r.try_get::<Option<String>, _>(7)? {
+            Some(event) => {
+                known.insert(r.try_get(0)?, event);
+            }
+            None => {
+                let row = row_from(&r)?;
+                tenants.insert(row.tenant_id.clone(), row);
+            }
+        }
+    }
+    Ok((known, tenants))
+}
+
 /// Stored events of requests already handled, by request id.
 pub async fn known_requests(
     tx: &mut PgConnection,
@@ -228,15 +268,6 @@ pub async fn known_requests(
     rows.into_iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
-}
-
-/// Tenants among `ids` whose token is committed. No lock: a token never changes.
-pub async fn provisioned(
-    tx: &mut PgConnection,
-    ids: &[String],
-    with_ciphertext: bool,
-) -> Result<HashMap<String, TenantRow>, StoreError> {
-    provisioned_or_not(tx, ids, with_ciphertext, true).await
 }
 
 async fn provisioned_or_not(
@@ -289,12 +320,13 @@ fn row_from(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
 
 /// Claims tenants: inserts missing rows with the proposed container and locks every row until
 /// the transaction ends. Returns the rows as stored (an existing container wins; a token that
-/// another worker committed meanwhile is returned, and then no issue call is needed).
+/// another worker committed meanwhile is returned, and then no issue call is needed), and the
+/// transaction's `now()`, which [`store_and_record`] stores as `issued_at`.
 pub async fn claim(
     tx: &mut PgConnection,
     claims: &[(String, String, Option<String>)],
     with_ciphertext: bool,
-) -> Result<Vec<TenantRow>, StoreError> {
+) -> Result<(Vec<TenantRow>, Option<OffsetDateTime>), StoreError> {
     let mut sorted: Vec<&(String, String, Option<String>)> = claims.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let ids: Vec<&str> = sorted.iter().map(|c| c.0.as_str()).collect();
@@ -305,7 +337,7 @@ pub async fn claim(
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1
          ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
          RETURNING tenant_id, container, token_fingerprint, issued_at, jti,
-                   CASE WHEN $4 THEN token_ciphertext END, key_id",
+                   CASE WHEN $4 THEN token_ciphertext END, key_id, now()",
     )
     .bind(&ids)
     .bind(&containers)
@@ -313,41 +345,66 @@ pub async fn claim(
     .bind(with_ciphertext)
     .fetch_all(tx)
     .await?;
-    Ok(rows.iter().map(row_from).collect::<Result<_, _>>()?)
+    let now = match rows.first() {
+        Some(r) => Some(r.try_get(7)?),
+        None => None,
+    };
+    Ok((rows.iter().map(row_from).collect::<Result<_, _>>()?, now))
 }
 
-/// Stores tokens of claimed tenants; returns the stored time of each.
-pub async fn store_tokens(
+/// In one statement, stores the tokens of claimed tenants (with `issued_at = now()`, the
+/// transaction's start time) and records handled requests with their events. Returns how
+/// many tokens were stored, and the stored event of every request whose id was already
+/// recorded (by a concurrent worker), which then wins.
+pub async fn store_and_record(
     tx: &mut PgConnection,
     tokens: &[NewToken],
-) -> Result<HashMap<String, OffsetDateTime>, StoreError> {
+    requests: &[NewRequest],
+) -> Result<(usize, HashMap<String, String>), StoreError> {
     if tokens.is_empty() {
-        return Ok(HashMap::new());
+        return Ok((0, record_requests(tx, requests).await?));
     }
-    let ids: Vec<&str> = tokens.iter().map(|t| t.tenant_id.as_str()).collect();
+    let t_ids: Vec<&str> = tokens.iter().map(|t| t.tenant_id.as_str()).collect();
     let blobs: Vec<&[u8]> = tokens.iter().map(|t| t.sealed.blob.as_slice()).collect();
     let keys: Vec<&str> = tokens.iter().map(|t| t.sealed.key_id.as_str()).collect();
     let fps: Vec<&str> = tokens.iter().map(|t| t.fingerprint.as_str()).collect();
     let jtis: Vec<Option<&str>> = tokens.iter().map(|t| t.jti.as_deref()).collect();
-    let rows = sqlx::query(
-        "UPDATE tenants t
-            SET token_ciphertext = u.blob, key_id = u.key_id, token_fingerprint = u.fp,
-                jti = u.jti, issued_at = now()
-           FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
-                AS u(tenant_id, blob, key_id, fp, jti)
-          WHERE t.tenant_id = u.tenant_id AND t.issued_at IS NULL
-          RETURNING t.tenant_id, t.issued_at",
+    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let tenants: Vec<&str> = requests.iter().map(|r| r.tenant_id.as_str()).collect();
+    let event_ids: Vec<uuid::Uuid> = requests.iter().map(|r| r.event_id).collect();
+    let events: Vec<&str> = requests.iter().map(|r| r.event.as_str()).collect();
+    let row = sqlx::query(
+        "WITH stored AS (
+             UPDATE tenants t
+                SET token_ciphertext = u.blob, key_id = u.key_id, token_fingerprint = u.fp,
+                    jti = u.jti, issued_at = now()
+               FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
+                    AS u(tenant_id, blob, key_id, fp, jti)
+              WHERE t.tenant_id = u.tenant_id AND t.issued_at IS NULL
+              RETURNING t.tenant_id
+         ), recorded AS (
+             INSERT INTO requests (request_id, tenant_id, event_id, event)
+             SELECT * FROM unnest($6::text[], $7::text[], $8::uuid[], $9::text[])
+             ON CONFLICT (request_id) DO NOTHING
+             RETURNING request_id
+         )
+         SELECT (SELECT count(*) FROM stored), ARRAY(SELECT request_id FROM recorded)",
     )
-    .bind(&ids)
+    .bind(&t_ids)
     .bind(&blobs)
     .bind(&keys)
     .bind(&fps)
     .bind(&jtis)
-    .fetch_all(tx)
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&event_ids)
+    .bind(&events)
+    .fetch_one(&mut *tx)
     .await?;
-    rows.into_iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
+    let stored: i64 = row.try_get(0)?;
+    let inserted: Vec<String> = row.try_get(1)?;
+    let lost = lost_races(tx, &ids, &inserted).await?;
+    Ok((usize::try_from(stored).unwrap_or(0), lost))
 }
 
 /// Records handled requests with their events. Returns the stored event of every request
@@ -375,12 +432,22 @@ pub async fn record_requests(
     .bind(&events)
     .fetch_all(&mut *tx)
     .await?;
-    if inserted.len() == requests.len() {
+    lost_races(tx, &ids, &inserted).await
+}
+
+/// The stored events of the requests among `ids` that were not `inserted`.
+async fn lost_races(
+    tx: &mut PgConnection,
+    ids: &[&str],
+    inserted: &[String],
+) -> Result<HashMap<String, String>, StoreError> {
+    if inserted.len() == ids.len() {
         return Ok(HashMap::new());
     }
+    let inserted: std::collections::HashSet<&str> = inserted.iter().map(String::as_str).collect();
     let lost: Vec<String> = ids
         .iter()
-        .filter(|id| !inserted.iter().any(|i| i == *id))
+        .filter(|id| !inserted.contains(**id))
         .map(|s| (*s).to_owned())
         .collect();
     known_requests(tx, &lost).await

@@ -194,12 +194,7 @@ impl Worker {
                 break Err(anyhow::anyhow!("the publishing channel closed"));
             }
             let mut batch = vec![first];
-            while batch.len() < limit {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    _ => break,
-                }
-            }
+            Self::take_ready(&mut consumer, &mut batch, limit);
             // The breaker may have opened while this loop waited for the delivery (the check
             // above ran before). Send no batch to an issuer that refuses us: hold it until
             // the breaker closes, or, when no probe is running, let its first delivery
@@ -235,6 +230,11 @@ impl Worker {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break Ok(());
             };
+            // Deliveries that arrived while every slot was busy join this batch rather than
+            // wait for the next free slot (not a probe's: that one goes alone).
+            if !self.ctx.health.breaker.is_open() {
+                Self::take_ready(&mut consumer, &mut batch, self.batch_size);
+            }
             let ctx = self.ctx.clone();
             let publisher = publisher.clone();
             tasks.spawn(async move {
@@ -259,5 +259,20 @@ impl Worker {
         let _ = consume.close(200, "shutdown".into()).await;
         let _ = conn.close(200, "shutdown".into()).await;
         ended
+    }
+
+    /// Adds the deliveries that are already waiting to `batch`, up to `BATCH_SIZE`, without
+    /// waiting for more.
+    fn take_ready(
+        consumer: &mut lapin::Consumer,
+        batch: &mut Vec<lapin::message::Delivery>,
+        limit: usize,
+    ) {
+        while batch.len() < limit {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
     }
 }

@@ -240,6 +240,66 @@ async fn extension_requested_for_a_provisioned_tenant_is_answered_from_postgres(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_include_token_puts_the_same_token_into_every_event() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let worker = env
+        .start_worker(&issuer.uri(), &["--event-include-token", "true"])
+        .await;
+    let producer = Producer::new(&env).await;
+    let t = tenant("with-token");
+
+    // Newly issued, answered from Postgres, and a redelivery of the first request.
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("c1"))
+        .await;
+    events.wait_for(1, WAIT).await;
+    producer
+        .request(
+            "extension.requested",
+            json!({"tenant_id": t, "extension_id": "ext-1"}),
+            Some("e1"),
+        )
+        .await;
+    events.wait_for(2, WAIT).await;
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("c1"))
+        .await;
+    let got = events.wait_for(3, WAIT).await;
+
+    let (first, second, again) = (got[0].json(), got[1].json(), got[2].json());
+    let token = first["token"].as_str().unwrap_or_default();
+    assert!(!token.is_empty(), "the event carries the token: {first}");
+    assert_eq!(second["token"], first["token"]);
+    assert_eq!(again["token"], first["token"]);
+    assert_eq!(first["newly_issued"], true);
+    assert_eq!(second["newly_issued"], false);
+    assert_eq!(
+        again["newly_issued"], true,
+        "a redelivery repeats its event"
+    );
+    assert_eq!(again["event_id"], first["event_id"]);
+    assert_eq!(again["issued_at"], first["issued_at"]);
+    assert_eq!(issue_calls(&issuer).await.len(), 1);
+    use sha2::Digest as _;
+    let fp = hex::encode(&sha2::Sha256::digest(token.as_bytes())[..8]);
+    assert_eq!(first["token_fingerprint"], fp.as_str());
+    let mut db = env.db().await;
+    let stored: String = sqlx::query_scalar("SELECT string_agg(event, '|') FROM requests")
+        .fetch_one(&mut db)
+        .await
+        .expect("events");
+    assert!(
+        !stored.contains(token),
+        "recorded events never hold the token"
+    );
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_duplicates_on_two_workers_make_one_issue_call() {
     let env = TestEnv::new().await;
     // A slow issuer widens the window in which duplicates race.
@@ -635,55 +695,6 @@ async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
     );
     assert_ne!(orphans[0]["token_fingerprint"], ev["token_fingerprint"]);
 
-    worker.stop().await;
-    env.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_include_token_puts_the_token_into_the_event_but_not_into_storage() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let worker = env
-        .start_worker(&issuer.uri(), &["--event-include-token", "true"])
-        .await;
-    let producer = Producer::new(&env).await;
-    let t = tenant("with-token");
-    producer
-        .request("tenant.created", json!({"tenant_id": t}), Some("wt-1"))
-        .await;
-    producer
-        .request("extension.requested", json!({"tenant_id": t}), Some("wt-2"))
-        .await;
-    producer
-        .request("tenant.created", json!({"tenant_id": t}), Some("wt-1"))
-        .await;
-    let got = events.wait_for(3, WAIT).await;
-    let tokens: Vec<String> = got
-        .iter()
-        .map(|r| {
-            r.json()["token"]
-                .as_str()
-                .expect("token in event")
-                .to_owned()
-        })
-        .collect();
-    assert!(
-        tokens.iter().all(|t| t == &tokens[0]),
-        "the same token every time"
-    );
-    use sha2::Digest as _;
-    let fp = hex::encode(&sha2::Sha256::digest(tokens[0].as_bytes())[..8]);
-    assert_eq!(got[0].json()["token_fingerprint"], fp.as_str());
-    let mut db = env.db().await;
-    let stored: String = sqlx::query_scalar("SELECT string_agg(event, '|') FROM requests")
-        .fetch_one(&mut db)
-        .await
-        .expect("events");
-    assert!(
-        !stored.contains(&tokens[0]),
-        "recorded events never hold the token"
-    );
     worker.stop().await;
     env.cleanup().await;
 }
