@@ -256,6 +256,17 @@ pub async fn lookup(
     Ok((known, tenants))
 }
 
+/// Forgets handled requests older than `retention`; returns how many. A redelivery older
+/// than that is handled as a new request (same event id, `newly_issued: false`).
+pub async fn prune_requests(pool: &PgPool, retention: Duration) -> Result<u64, StoreError> {
+    let done =
+        sqlx::query("DELETE FROM requests WHERE handled_at < now() - make_interval(secs => $1)")
+            .bind(retention.as_secs_f64())
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected())
+}
+
 /// Stored events of requests already handled, by request id.
 pub async fn known_requests(
     tx: &mut PgConnection,

@@ -72,6 +72,11 @@ impl Worker {
             delay = (delay * 2).min(Duration::from_secs(10));
         };
         health.set_database(true);
+        tokio::spawn(prune_requests(
+            store.clone(),
+            settings.request_retention,
+            shutdown.clone(),
+        ));
         let issuer = IssuerClient::new(settings.issuer).map_err(anyhow::Error::msg)?;
         let provisioner = Provisioner::new(
             store,
@@ -273,6 +278,22 @@ impl Worker {
                 Some(Some(Ok(d))) => batch.push(d),
                 _ => break,
             }
+        }
+    }
+}
+
+/// Forgets handled requests past their retention, once at start-up and then hourly.
+async fn prune_requests(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match crate::store::prune_requests(store.pool(), retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, ?retention, "forgot old handled requests"),
+            Err(e) => tracing::warn!(error = %e, "pruning old handled requests failed"),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
+use sqlx::Connection as _;
 use support::{Collector, Producer, TestEnv, fake_jwt, tenant};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -694,6 +695,56 @@ async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
             .is_some_and(|j| !j.is_empty() && j != stored_jti)
     );
     assert_ne!(orphans[0]["token_fingerprint"], ev["token_fingerprint"]);
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handled_requests_are_forgotten_after_their_retention() {
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
+    let t = tenant("old");
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("old-1"))
+        .await;
+    let first = events.wait_for(1, WAIT).await[0].json();
+    worker.stop().await;
+
+    let mut db = env.db().await;
+    sqlx::query("UPDATE requests SET handled_at = now() - interval '31 days'")
+        .execute(&mut db)
+        .await
+        .expect("age the request");
+    // A new worker prunes at start-up (REQUEST_RETENTION defaults to 30 days).
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+    support::eventually("the old request to be pruned", WAIT, || {
+        let url = env.database_url.clone();
+        async move {
+            let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+                .fetch_one(&mut db)
+                .await
+                .expect("count");
+            n == 0
+        }
+    })
+    .await;
+
+    // A very late redelivery is handled again: same event id, answered from Postgres.
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("old-1"))
+        .await;
+    let again = events.wait_for(2, WAIT).await[1].json();
+    assert_eq!(again["event_id"], first["event_id"]);
+    assert_eq!(again["newly_issued"], false);
+    assert_eq!(again["token_fingerprint"], first["token_fingerprint"]);
+    assert_eq!(issue_calls(&issuer).await.len(), 1);
 
     worker.stop().await;
     env.cleanup().await;
