@@ -508,11 +508,17 @@ async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
     let mut sent = Sent::default();
     let batches_before;
     let (start, cpu_before, startup) = if args.backlog {
+        // Read the counters first: a stopped worker answers no HTTP request.
+        batches_before = worker.batch_counters(args.worker_ops_addr).await;
         if let Worker::External(pid) = worker {
             signal(pid, libc::SIGSTOP)?;
         }
-        publish_all(&publisher, &msgs, None, &mut sent).await?;
-        batches_before = worker.batch_counters(args.worker_ops_addr).await;
+        let published = publish_all(&publisher, &msgs, None, &mut sent).await;
+        if let (Err(_), Worker::External(pid)) = (&published, &worker) {
+            // Never leave someone else's worker stopped.
+            let _ = signal(*pid, libc::SIGCONT);
+        }
+        published?;
         let _ = reset_peak_rss(worker.pid());
         let cpu_before = CpuSample::take(worker.pid());
         let (start, startup) = match &worker {
@@ -925,7 +931,13 @@ impl Worker {
             Self::External(_) => external_ops?,
             Self::NotStarted => return Some((0.0, 0.0)),
         };
-        let text = reqwest::get(format!("http://{ops}/metrics"))
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?;
+        let text = http
+            .get(format!("http://{ops}/metrics"))
+            .send()
             .await
             .ok()?
             .text()
