@@ -50,7 +50,6 @@ use tokio::io::AsyncBufReadExt as _;
 
 use crate::broker::{self, topology};
 use crate::crypto::EncryptionKey;
-use crate::store::Store;
 use crate::stub_issuer::{StubConfig, StubIssuer};
 
 /// The bench's default broker: the local RabbitMQ, vhost `bench`.
@@ -363,9 +362,7 @@ impl Env {
             .await?;
         }
         let _ = ch.close(200, "prepared".into()).await;
-        let store = Store::connect(&args.database_url, 1)
-            .await
-            .map_err(|e| anyhow!("{e} ({})", broker::redact(&args.database_url)))?;
+        let store = crate::configuration::connect_store(&args.database_url).await?;
         store.migrate().await?;
         store.pool().close().await;
         Ok(Self {

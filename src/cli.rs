@@ -14,7 +14,6 @@ use crate::crypto::EncryptionKey;
 use crate::domain::TenantId;
 use crate::event::rfc3339;
 use crate::health::Health;
-use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
 use crate::worker::Worker;
 
@@ -262,9 +261,7 @@ async fn run(args: RunArgs) -> Result<u8, Failure> {
 }
 
 async fn migrate(args: MigrateArgs) -> Result<u8, Failure> {
-    let store = Store::connect(&args.database.database_url, 1)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} ({})", broker::redact(&args.database.database_url)))?;
+    let store = args.database.connect().await?;
     store.migrate().await.map_err(anyhow::Error::from)?;
     tracing::info!("database migrated");
     let conn = broker::connect(&args.broker.amqp_url, "tenant-tokens migrate")
@@ -290,9 +287,7 @@ async fn token_show(
 ) -> Result<u8, Failure> {
     let id = TenantId::parse(tenant).map_err(|e| Failure::new(2, anyhow::anyhow!(e)))?;
     let cipher = if reveal { Some(key.cipher()?) } else { None };
-    let store = Store::connect(&database.database_url, 1)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} ({})", broker::redact(&database.database_url)))?;
+    let store = database.connect().await?;
     let row = store
         .tenant(id.as_str())
         .await
@@ -344,9 +339,7 @@ async fn token_show(
 }
 
 async fn token_orphans(json: bool, database: &DatabaseArgs) -> Result<u8, Failure> {
-    let store = Store::connect(&database.database_url, 1)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} ({})", broker::redact(&database.database_url)))?;
+    let store = database.connect().await?;
     let orphans = crate::store::orphaned_tokens(store.pool())
         .await
         .map_err(anyhow::Error::from)?;

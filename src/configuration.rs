@@ -63,6 +63,20 @@ pub struct DatabaseArgs {
     pub database_url: String,
 }
 
+impl DatabaseArgs {
+    /// A one-connection store for a command; the error names the database without its password.
+    pub async fn connect(&self) -> anyhow::Result<crate::store::Store> {
+        connect_store(&self.database_url).await
+    }
+}
+
+/// A one-connection store at `url`; the error names the database without its password.
+pub async fn connect_store(url: &str) -> anyhow::Result<crate::store::Store> {
+    crate::store::Store::connect(url, 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} ({})", crate::broker::redact(url)))
+}
+
 /// The encryption key, inline or from a file.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeyArgs {
@@ -204,6 +218,21 @@ pub struct Settings {
 }
 
 impl RunArgs {
+    /// Parses `run`'s flags from a list (the demo and tests start workers in-process this way;
+    /// the first item is the program name). Unset flags still fall back to the environment.
+    pub fn try_from_flags<I, T>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        <Flags as clap::Parser>::try_parse_from(flags).map(|f| f.run)
+    }
+
     /// Checks everything `run` needs.
     pub fn into_settings(self) -> Result<Settings, ConfigError> {
         let issuer_url = self
@@ -340,20 +369,14 @@ mod tests {
 
     #[test]
     fn debug_output_hides_secrets() {
-        use clap::Parser;
-        #[derive(Parser, Debug)]
-        struct W {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let w = W::try_parse_from([
+        let run = RunArgs::try_from_flags([
             "x",
             "--issuer-master-token=master-secret-1",
             "--token-encryption-key=key-secret-2",
             "--token-decryption-keys=key-secret-3",
         ])
         .expect("parses");
-        let d = format!("{w:?}");
+        let d = format!("{run:?}");
         for secret in ["master-secret-1", "key-secret-2", "key-secret-3"] {
             assert!(!d.contains(secret), "{secret} leaked into {d}");
         }

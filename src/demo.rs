@@ -87,25 +87,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     // 2. The worker, in this process (it migrates and declares the topology).
     let key =
         std::env::var("TOKEN_ENCRYPTION_KEY").unwrap_or_else(|_| EncryptionKey::generate_base64());
-    let run_args = {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct W {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        W::try_parse_from([
-            "demo".to_owned(),
-            format!("--amqp-url={}", args.broker.amqp_url),
-            format!("--database-url={}", args.database.database_url),
-            format!("--issuer-url={}", stub.url()),
-            format!("--issuer-master-token={master}"),
-            format!("--token-encryption-key={key}"),
-            format!("--concurrency={}", args.concurrency),
-            "--ops-addr=127.0.0.1:0".to_owned(),
-        ])?
-        .run
-    };
+    let run_args = RunArgs::try_from_flags([
+        "demo".to_owned(),
+        format!("--amqp-url={}", args.broker.amqp_url),
+        format!("--database-url={}", args.database.database_url),
+        format!("--issuer-url={}", stub.url()),
+        format!("--issuer-master-token={master}"),
+        format!("--token-encryption-key={key}"),
+        format!("--concurrency={}", args.concurrency),
+        "--ops-addr=127.0.0.1:0".to_owned(),
+    ])?;
     let settings = run_args.into_settings()?;
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());

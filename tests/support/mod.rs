@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use futures::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -164,11 +163,6 @@ impl TestEnv {
 
     /// Flags for `run` pointing at this environment and at `issuer_url`.
     pub fn run_args(&self, issuer_url: &str, extra: &[&str]) -> RunArgs {
-        #[derive(Parser)]
-        struct W {
-            #[command(flatten)]
-            run: RunArgs,
-        }
         let defaults = [
             ("--amqp-url", self.amqp_url.clone()),
             ("--database-url", self.database_url.clone()),
@@ -187,7 +181,7 @@ impl TestEnv {
             }
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        W::try_parse_from(args).expect("valid test flags").run
+        RunArgs::try_from_flags(args).expect("valid test flags")
     }
 
     /// Starts a worker in this process.
