@@ -50,7 +50,7 @@ use tokio::io::AsyncBufReadExt as _;
 
 use crate::broker::{self, topology};
 use crate::crypto::EncryptionKey;
-use crate::stub_issuer::{StubConfig, StubIssuer};
+use crate::tools::stub_issuer::{StubConfig, StubIssuer};
 
 /// The bench's default broker: the local RabbitMQ, vhost `bench`.
 pub const DEFAULT_BENCH_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/bench";
@@ -330,7 +330,12 @@ impl Env {
         ensure_vhost(&args.amqp_url, args.management_url.as_deref()).await?;
         let conn = broker::connect(&args.amqp_url, "tenant-tokens bench")
             .await
-            .map_err(|e| anyhow!("connect to {}: {e}", broker::redact(&args.amqp_url)))?;
+            .map_err(|e| {
+                anyhow!(
+                    "connect to {}: {e}",
+                    crate::telemetry::redact_url(&args.amqp_url)
+                )
+            })?;
         let ch = conn.create_channel().await?;
         topology::declare(&ch, &default_retry_delays())
             .await
@@ -352,7 +357,7 @@ impl Env {
                     "{} in {} already holds {depth} messages (an interrupted run?); \
                      pass --purge to drop them first",
                     topology::REQUESTS_QUEUE,
-                    broker::redact(&args.amqp_url)
+                    crate::telemetry::redact_url(&args.amqp_url)
                 );
             }
             ch.queue_purge(
@@ -1391,7 +1396,7 @@ impl AmqpUrlParts {
         let rest = url
             .split_once("://")
             .map(|(_, r)| r)
-            .ok_or_else(|| anyhow!("not an AMQP URL: {}", broker::redact(url)))?;
+            .ok_or_else(|| anyhow!("not an AMQP URL: {}", crate::telemetry::redact_url(url)))?;
         let rest = rest.split(['?', '#']).next().unwrap_or(rest);
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (cred, hostport) = authority
@@ -1486,8 +1491,8 @@ fn summarize(runs: &[RunReport]) -> Summary {
 
 fn settings_json(a: &BenchArgs) -> serde_json::Value {
     serde_json::json!({
-        "amqp_url": broker::redact(&a.amqp_url),
-        "database_url": broker::redact(&a.database_url),
+        "amqp_url": crate::telemetry::redact_url(&a.amqp_url),
+        "database_url": crate::telemetry::redact_url(&a.database_url),
         "tenants": a.tenants,
         "duplicates": a.duplicates,
         "existing": a.existing,

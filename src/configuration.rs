@@ -74,7 +74,7 @@ impl DatabaseArgs {
 pub async fn connect_store(url: &str) -> anyhow::Result<crate::store::Store> {
     crate::store::Store::connect(url, 1)
         .await
-        .map_err(|e| anyhow::anyhow!("{e} ({})", crate::broker::redact(url)))
+        .map_err(|e| anyhow::anyhow!("{e} ({})", crate::telemetry::redact_url(url)))
 }
 
 /// The encryption key, inline or from a file.

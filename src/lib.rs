@@ -1,28 +1,37 @@
 //! tenant-tokens: one webtask tenant token per tenant, provisioned from RabbitMQ events.
 //!
-//! The data path, top to bottom: a delivery is [decoded](decode) into a
-//! [`ProvisionRequest`](domain::ProvisionRequest); the [provisioning step](provision) answers
-//! it from the [store] or calls the [issuer] and stores the token, deciding the
-//! [ready event](event) in the same transaction; [`handle`] publishes the event with a
-//! confirm and acks. [`worker`] runs that in batches over one broker connection and keeps it
-//! alive; [`cli`] is the command line.
+//! # Layout
+//!
+//! The data path reads top to bottom: a delivery → [`pipeline::decode`] → a
+//! [`ProvisionRequest`](domain::ProvisionRequest) → [`pipeline::provision`] (store → issuer →
+//! store, one transaction per batch) → [`pipeline::disposition`] (what becomes of each
+//! message) → [`pipeline::handle`] (publish the event or the copy, then ack) →
+//! [`pipeline::worker`] (consumer, batches, reconnection, shutdown).
+//!
+//! - [`domain`]: values parsed once at the edge (tenant id and name, container names, tokens,
+//!   message identity, the ready event), so nothing downstream re-validates.
+//! - [`pipeline`]: the unit of work and its policy; it talks to the outside only through
+//!   the adapters.
+//! - Adapters, one per outside system: [`store`] (Postgres), [`issuer`] (the webtask HTTP
+//!   API), [`crypto`] (AES-256-GCM), [`broker`] (RabbitMQ topology, message headers,
+//!   confirmed publishing).
+//! - The process around them: [`configuration`] (flags and environment), [`telemetry`]
+//!   (logs, metrics, redaction), [`ops`] (`/healthz`, `/readyz`, `/metrics`), [`shutdown`]
+//!   (signals), [`cli`] (the command line).
+//! - [`tools`]: the dead-letter console, the demo, the stub issuer and the `token` commands —
+//!   users of the library, not part of the worker. The benchmark is a workspace member of
+//!   its own (`bench/`).
 
 pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod configuration;
 pub mod crypto;
-pub mod decode;
-pub mod demo;
-pub mod dlq;
 pub mod domain;
-pub mod event;
-pub mod handle;
-pub mod health;
 pub mod issuer;
 pub mod ops;
-pub mod provision;
+pub mod pipeline;
+pub mod shutdown;
 pub mod store;
-pub mod stub_issuer;
 pub mod telemetry;
-pub mod worker;
+pub mod tools;

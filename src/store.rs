@@ -25,11 +25,37 @@ use time::OffsetDateTime;
 
 use crate::crypto::Sealed;
 
-/// A Postgres failure. Every one is retryable from the message's point of view: nothing is
-/// wrong with the message, the database is unavailable or busy.
+/// A Postgres failure. [`StoreError::is_retryable`] tells a database that is unavailable or
+/// busy (try again, nothing is wrong with the messages) from one that refuses what it was given
+/// (retrying the same statement cannot help).
 #[derive(Debug, thiserror::Error)]
 #[error("database: {0}")]
 pub struct StoreError(#[from] sqlx::Error);
+
+impl StoreError {
+    /// Whether the same statements may succeed later: connection and pool failures, I/O,
+    /// timeouts, and the SQLSTATE classes of a busy or restarting server (`08` connection, `40`
+    /// serialization failure and deadlock, `53` insufficient resources, `57` operator
+    /// intervention, `58` system error). Data exceptions (`22`, e.g. a NUL in `text`),
+    /// integrity violations (`23`) and undecodable values are not: they follow the data.
+    pub fn is_retryable(&self) -> bool {
+        match &self.0 {
+            sqlx::Error::Database(e) => {
+                let code = e.code();
+                let class = code.as_deref().map_or("", |c| c.get(..2).unwrap_or(""));
+                !matches!(class, "22" | "23")
+            }
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::Encode(_)
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. }
+            | sqlx::Error::RowNotFound => false,
+            _ => true,
+        }
+    }
+}
 
 /// Pool and migrations.
 #[derive(Clone, Debug)]
@@ -120,11 +146,6 @@ impl Store {
     /// The pool, for transactions.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Whether the database answers (readiness).
-    pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
     /// A tenant's row with its ciphertext (`token show`).
@@ -395,7 +416,7 @@ pub async fn store_and_record(
               RETURNING t.tenant_id
          ), recorded AS (
              INSERT INTO requests (request_id, tenant_id, event_id, event)
-             SELECT * FROM unnest($6::text[], $7::text[], $8::uuid[], $9::text[])
+             SELECT * FROM unnest($6::text[], $7::text[], $8::uuid[], $9::text[]) ORDER BY 1
              ON CONFLICT (request_id) DO NOTHING
              RETURNING request_id
          )
@@ -418,7 +439,8 @@ pub async fn store_and_record(
     Ok((usize::try_from(stored).unwrap_or(0), lost))
 }
 
-/// Records handled requests with their events. Returns the stored event of every request
+/// Records handled requests with their events, in request-id order (like claims, so that two
+/// batches inserting the same ids cannot deadlock). Returns the stored event of every request
 /// whose id was already recorded (by a concurrent worker), which then wins.
 pub async fn record_requests(
     tx: &mut PgConnection,
@@ -433,7 +455,7 @@ pub async fn record_requests(
     let events: Vec<&str> = requests.iter().map(|r| r.event.as_str()).collect();
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO requests (request_id, tenant_id, event_id, event)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
+         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[]) ORDER BY 1
          ON CONFLICT (request_id) DO NOTHING
          RETURNING request_id",
     )

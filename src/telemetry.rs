@@ -118,3 +118,50 @@ pub fn describe_metrics() {
     let _ = metrics::histogram!(metric::HANDLE_DURATION);
     let _ = metrics::gauge!(metric::DEAD_LETTERS);
 }
+
+/// One delivery counted in `tenant_tokens_in_flight` from the moment the worker takes it until
+/// it is dropped, whichever way that happens (settled, handed back, or its task aborted at the
+/// end of the shutdown grace), so the gauge never keeps counting messages that are gone.
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    /// Counts one more message in flight.
+    pub fn enter() -> Self {
+        metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// A connection URL (AMQP or Postgres) with its password replaced by `***`: the one way a URL
+/// reaches logs, errors and command output.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(redact_url("amqp://u:p@h:1/v"), "amqp://u:***@h:1/v");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+    }
+}

@@ -23,7 +23,7 @@ use serde_json::Value;
 use tenant_tokens::broker::topology::{
     self, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, REQUESTS_QUEUE, headers,
 };
-use tenant_tokens::dlq::{self, DlqCommand};
+use tenant_tokens::tools::dlq::{self, DlqCommand};
 
 /// How long any eventually-true broker state may take before a test fails.
 const DEADLINE: Duration = Duration::from_secs(15);

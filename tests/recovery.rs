@@ -18,7 +18,7 @@ use support::{
     Collector, Producer, TcpProxy, TestEnv, audit, eventually, stub_in_flight, stub_issuer, tenant,
     tenants_with_events, wait_for_tenants,
 };
-use tenant_tokens::stub_issuer::StubMode;
+use tenant_tokens::tools::stub_issuer::StubMode;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

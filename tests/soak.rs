@@ -18,7 +18,7 @@ use rand::Rng as _;
 use rand::seq::IndexedRandom as _;
 use serde_json::json;
 use support::{ChildWorker, Collector, Producer, TestEnv, audit, stub_in_flight};
-use tenant_tokens::stub_issuer::{StubConfig, StubIssuer, StubMode};
+use tenant_tokens::tools::stub_issuer::{StubConfig, StubIssuer, StubMode};
 
 /// Retry queues of the soak's workers (declared by them; drained at the end).
 const RETRY_DELAYS: &str = "200ms,1s,2s";

@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use tenant_tokens::stub_issuer::{StubConfig, StubIssuer, StubMode, StubStats};
+use tenant_tokens::tools::stub_issuer::{StubConfig, StubIssuer, StubMode, StubStats};
 
 const MASTER: &str = "test-master-token";
 

@@ -4,7 +4,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::topology::headers;
-use crate::decode::Envelope;
+use crate::pipeline::decode::Envelope;
 
 /// A header's value as text, for string-typed headers.
 pub fn header_str<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a str> {

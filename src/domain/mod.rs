@@ -1,11 +1,13 @@
 //! Domain types that are parsed once at the edge, so the rest of the code never re-validates.
 
 mod container;
+mod event;
 mod request;
 mod tenant;
 mod token;
 
 pub use container::{ContainerName, NamingStrategy};
+pub use event::{ReadyEvent, now_rfc3339, rfc3339};
 pub use request::{MessageIdentity, ProvisionRequest, Trigger};
 pub use tenant::{TenantId, TenantName};
 pub use token::{TenantToken, TokenFingerprint};

@@ -51,7 +51,12 @@ impl fmt::Display for TenantId {
     }
 }
 
-/// A tenant's display name, at most 256 characters; used only to derive a readable container name.
+/// A tenant's display name, at most 256 characters; used only to derive a readable container
+/// name and stored beside the tenant for operators.
+///
+/// JSON can carry U+0000 in a string, but a Postgres `text` column cannot hold it, so the name
+/// is decided here, at the edge: NUL characters are dropped (the container name, made of
+/// `[a-z0-9-]`, never had them anyway). Every other character is storable as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantName(String);
 
@@ -59,7 +64,7 @@ impl TenantName {
     /// The longest name the contract allows.
     pub const MAX_LEN: usize = 256;
 
-    /// Validates the length of a tenant name.
+    /// Validates the length of a tenant name and drops what Postgres cannot store (U+0000).
     pub fn parse(raw: &str) -> Result<Self, String> {
         if raw.chars().count() > Self::MAX_LEN {
             return Err(format!(
@@ -67,7 +72,7 @@ impl TenantName {
                 Self::MAX_LEN
             ));
         }
-        Ok(Self(raw.to_owned()))
+        Ok(Self(raw.replace('\0', "")))
     }
 
     /// The name as text.
@@ -92,6 +97,12 @@ mod tests {
         for bad in ["", "-a", ".a", "a b", "a/b", "ä", &"x".repeat(129), "a\n"] {
             assert!(TenantId::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn names_drop_what_postgres_text_cannot_hold() {
+        let name = TenantName::parse("Ac\0me\0").expect("valid");
+        assert_eq!(name.as_str(), "Acme");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use lapin::{BasicProperties, Channel, Connection};
 use sqlx::{Connection as _, PgConnection};
 use tenant_tokens::broker::topology;
 use tenant_tokens::configuration::RunArgs;
-use tenant_tokens::health::Health;
-use tenant_tokens::worker::Worker;
+use tenant_tokens::ops::health::Health;
+use tenant_tokens::pipeline::worker::Worker;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
@@ -86,8 +86,8 @@ async fn discover() -> Services {
             "tests need RabbitMQ and PostgreSQL: none reachable at AMQP_URL/DATABASE_URL \
              ({amqp_up}/{pg_up} for {} and {}) and no Docker engine for testcontainers ({e}). \
              Start them (see README) or set AMQP_URL and DATABASE_URL.",
-            tenant_tokens::broker::redact(&amqp),
-            tenant_tokens::broker::redact(&pg)
+            tenant_tokens::telemetry::redact_url(&amqp),
+            tenant_tokens::telemetry::redact_url(&pg)
         )
     })
 }
@@ -952,19 +952,22 @@ impl Producer {
 }
 
 /// A stub issuer on a free local port that accepts [`MASTER_TOKEN`].
-pub async fn stub_issuer(latency: Duration) -> tenant_tokens::stub_issuer::StubIssuer {
-    let mut cfg = tenant_tokens::stub_issuer::StubConfig::new(secrecy::SecretString::from(
+pub async fn stub_issuer(latency: Duration) -> tenant_tokens::tools::stub_issuer::StubIssuer {
+    let mut cfg = tenant_tokens::tools::stub_issuer::StubConfig::new(secrecy::SecretString::from(
         MASTER_TOKEN.to_owned(),
     ));
     cfg.latency = latency;
-    tenant_tokens::stub_issuer::StubIssuer::start("127.0.0.1:0".parse().expect("address"), cfg)
-        .await
-        .expect("stub issuer")
+    tenant_tokens::tools::stub_issuer::StubIssuer::start(
+        "127.0.0.1:0".parse().expect("address"),
+        cfg,
+    )
+    .await
+    .expect("stub issuer")
 }
 
 /// Issue requests the stub has received but not answered yet (it counts a request on
 /// arrival and its outcome after the latency).
-pub fn stub_in_flight(s: &tenant_tokens::stub_issuer::StubStats) -> u64 {
+pub fn stub_in_flight(s: &tenant_tokens::tools::stub_issuer::StubStats) -> u64 {
     s.requests
         .saturating_sub(s.issued + s.replayed + s.failed + s.unauthorized)
 }

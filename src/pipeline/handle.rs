@@ -1,5 +1,5 @@
 //! Handling one batch of deliveries, top to bottom:
-//! delivery → [`decode`](crate::decode) → [`Provisioner::provision`] → event → ack.
+//! delivery → [`decode`](crate::pipeline::decode) → [`Provisioner::provision`] → event → ack.
 //!
 //! Every delivery ends in exactly one of: ack after its ready event is confirmed; ack after a
 //! confirmed copy went to a retry queue or to the dead-letter queue; or nack with requeue
@@ -21,12 +21,12 @@ use tracing::Instrument as _;
 use crate::broker::message::{self, cut, header_u32, original_routing_key, text, with_headers};
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::topology::{self, headers};
-use crate::decode::{self, DecodeError};
 use crate::domain::ProvisionRequest;
-use crate::event::{ReadyEvent, now_rfc3339};
-use crate::health::Health;
+use crate::domain::{ReadyEvent, now_rfc3339};
 use crate::issuer::IssuerError;
-use crate::provision::{Outcome, Provisioner};
+use crate::ops::health::Health;
+use crate::pipeline::decode::{self, DecodeError};
+use crate::pipeline::provision::{Outcome, Provisioner};
 use crate::telemetry::metric;
 
 /// The kinds of dead letter (contract §2).

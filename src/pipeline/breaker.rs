@@ -1,56 +1,12 @@
-//! Shared readiness state and the issuer breaker.
+//! The issuer breaker (contract §4): pauses consumption for the whole process while the
+//! issuer refuses the master token, or is down for everyone, and lets one real request at a
+//! time probe it (half-open).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio::sync::Notify;
 
 use crate::telemetry::metric;
-
-/// What `/readyz` reports: ready while consuming from a live broker, with a reachable
-/// database and a closed breaker.
-#[derive(Debug, Default)]
-pub struct Health {
-    broker: AtomicBool,
-    database: AtomicBool,
-    draining: AtomicBool,
-    /// The issuer breaker.
-    pub breaker: Breaker,
-}
-
-impl Health {
-    /// Records whether the consumer is attached to a live connection.
-    pub fn set_broker(&self, up: bool) {
-        self.broker.store(up, Ordering::Relaxed);
-    }
-
-    /// Records whether the last database use worked.
-    pub fn set_database(&self, up: bool) {
-        self.database.store(up, Ordering::Relaxed);
-    }
-
-    /// Marks the process as shutting down (no longer ready).
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    /// The reasons the worker is not ready; empty when ready.
-    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
-        let mut r = Vec::new();
-        if !self.broker.load(Ordering::Relaxed) {
-            r.push("broker: not consuming");
-        }
-        if !self.database.load(Ordering::Relaxed) {
-            r.push("database: unavailable");
-        }
-        if self.breaker.is_open() {
-            r.push("issuer: breaker open, consumption paused");
-        }
-        if self.draining.load(Ordering::Relaxed) {
-            r.push("shutting down");
-        }
-        r
-    }
-}
 
 /// Pauses consumption for the whole process while the issuer refuses the master token (or is
 /// down for everyone), and lets one real request at a time probe it (half-open).
@@ -178,16 +134,5 @@ mod tests {
         );
         drop(g);
         assert!(b.try_probe().is_some());
-    }
-
-    #[test]
-    fn readiness_lists_reasons() {
-        let h = Health::default();
-        assert_eq!(h.not_ready_reasons().len(), 2);
-        h.set_broker(true);
-        h.set_database(true);
-        assert!(h.not_ready_reasons().is_empty());
-        h.breaker.trip("test");
-        assert_eq!(h.not_ready_reasons().len(), 1);
     }
 }

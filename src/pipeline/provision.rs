@@ -17,7 +17,9 @@
 //! claim, one statement that stores the tokens and records the requests, and `COMMIT`.
 //!
 //! Issuer failures are per request (the rest of the batch goes on); a database failure fails
-//! the whole batch, which is then retried as a whole.
+//! the whole batch with a [`ProvisionError`] that says whether retrying may help. The handler
+//! retries a retryable one in place, and splits a batch that fails otherwise, so that one
+//! poison message cannot hold the others.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -26,12 +28,56 @@ use futures::future::join_all;
 
 use crate::crypto::TokenCipher;
 use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken};
-use crate::event::{ReadyEvent, rfc3339};
+use crate::domain::{ReadyEvent, rfc3339};
 use crate::issuer::{IssuerClient, IssuerError};
 use crate::store::{
     self, IssuedToken, NewRequest, NewToken, Store, StoreError, StoredToken, TenantRow,
 };
 use crate::telemetry::metric;
+
+/// Why a batch could not be provisioned. Nothing was committed; the messages are untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// Postgres failed; [`StoreError::is_retryable`] says whether it may pass.
+    #[error(transparent)]
+    Database(#[from] StoreError),
+    /// A stored ready event that no longer parses.
+    #[error("the stored event of request {request} does not parse: {error}")]
+    StoredEvent {
+        /// The request's identity.
+        request: String,
+        /// The parser's complaint.
+        error: serde_json::Error,
+    },
+    /// A ready event that cannot be serialised for storing.
+    #[error("the ready event of request {request} cannot be serialised: {error}")]
+    Serialise {
+        /// The request's identity.
+        request: String,
+        /// The serialiser's complaint.
+        error: serde_json::Error,
+    },
+    /// The database did something the engine's invariants exclude.
+    #[error("internal: {0}")]
+    Invariant(String),
+}
+
+impl ProvisionError {
+    /// Whether provisioning the same batch again may succeed (the database was unavailable or
+    /// busy), as opposed to failing the same way each time.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Database(e) => e.is_retryable(),
+            Self::StoredEvent { .. } | Self::Serialise { .. } | Self::Invariant(_) => false,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ProvisionError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(StoreError::from(e))
+    }
+}
 
 /// What became of one request.
 #[derive(Debug)]
@@ -70,13 +116,11 @@ impl Provisioner {
         }
     }
 
-    /// The issuer client (the breaker probes with it).
-    pub fn issuer(&self) -> &IssuerClient {
-        &self.issuer
-    }
-
     /// Handles a batch; outcomes are in the order of `reqs`.
-    pub async fn provision(&self, reqs: &[ProvisionRequest]) -> Result<Vec<Outcome>, StoreError> {
+    pub async fn provision(
+        &self,
+        reqs: &[ProvisionRequest],
+    ) -> Result<Vec<Outcome>, ProvisionError> {
         // The first request of each tenant names its container and carries its parsed id.
         let mut first: HashMap<&str, &ProvisionRequest> = HashMap::new();
         for r in reqs {
@@ -180,9 +224,9 @@ impl Provisioner {
         if stored != issued {
             // A claimed row is locked by this transaction, so every token is stored; anything
             // else is a bug: roll back and let the batch be retried.
-            return Err(StoreError::from(sqlx::Error::Protocol(format!(
+            return Err(ProvisionError::Invariant(format!(
                 "stored {stored} of {issued} tokens of claimed tenants"
-            ))));
+            )));
         }
         metrics::counter!(metric::TOKENS_ISSUED).increment(issued as u64);
         tx.commit().await?;
@@ -198,11 +242,11 @@ impl Provisioner {
         lost_races: &HashMap<String, String>,
         fresh: &HashMap<String, TenantToken>,
         tenants: &HashMap<String, TenantRow>,
-    ) -> Result<Vec<Outcome>, StoreError> {
+    ) -> Result<Vec<Outcome>, ProvisionError> {
         for (r, outcome) in reqs.iter().zip(outcomes.iter_mut()) {
             if let Outcome::Ready(event) = outcome {
                 if let Some(stored) = lost_races.get(r.identity.as_str()) {
-                    **event = parse_event(stored)?;
+                    **event = parse_event(r.identity.as_str(), stored)?;
                 }
                 if self.include_token {
                     event.token = fresh
@@ -269,7 +313,7 @@ fn decide(
     tenants: &HashMap<String, TenantRow>,
     failures: &HashMap<String, IssuerError>,
     newly: &mut HashSet<String>,
-) -> Result<(Vec<Outcome>, Vec<NewRequest>), StoreError> {
+) -> Result<(Vec<Outcome>, Vec<NewRequest>), ProvisionError> {
     let mut outcomes = Vec::with_capacity(reqs.len());
     let mut new_requests = Vec::new();
     let mut decided: HashMap<&str, usize> = HashMap::new();
@@ -277,7 +321,7 @@ fn decide(
         let id = r.identity.as_str();
         let tenant = r.tenant_id.as_str();
         let outcome = if let Some(stored) = known.get(id) {
-            Outcome::Ready(Box::new(parse_event(stored)?))
+            Outcome::Ready(Box::new(parse_event(id, stored)?))
         } else if let Some(&i) = decided.get(id) {
             match &outcomes[i] {
                 Outcome::Ready(e) => Outcome::Ready(e.clone()),
@@ -303,25 +347,31 @@ fn decide(
                 request_id: id.to_owned(),
                 tenant_id: tenant.to_owned(),
                 event_id: event.event_id,
-                event: serde_json::to_string(&event).unwrap_or_default(),
+                event: serde_json::to_string(&event).map_err(|error| {
+                    ProvisionError::Serialise {
+                        request: id.to_owned(),
+                        error,
+                    }
+                })?,
             });
             decided.insert(id, outcomes.len());
             Outcome::Ready(Box::new(event))
         } else {
             // A claimed row always has a token or an issue failure; this is a bug.
-            Outcome::Failed(IssuerError::Transient {
-                message: "internal: tenant neither provisioned nor failed".into(),
-                status: None,
-                retry_after: None,
-            })
+            return Err(ProvisionError::Invariant(format!(
+                "tenant {tenant} was neither provisioned nor failed"
+            )));
         };
         outcomes.push(outcome);
     }
     Ok((outcomes, new_requests))
 }
 
-fn parse_event(stored: &str) -> Result<ReadyEvent, StoreError> {
-    serde_json::from_str(stored).map_err(|e| StoreError::from(sqlx::Error::Decode(Box::new(e))))
+fn parse_event(request: &str, stored: &str) -> Result<ReadyEvent, ProvisionError> {
+    serde_json::from_str(stored).map_err(|error| ProvisionError::StoredEvent {
+        request: request.to_owned(),
+        error,
+    })
 }
 
 fn unique<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {

@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, topology};
 use crate::configuration::{BrokerArgs, DatabaseArgs, RunArgs};
 use crate::crypto::EncryptionKey;
-use crate::health::Health;
-use crate::stub_issuer::{StubConfig, StubIssuer};
-use crate::worker::Worker;
+use crate::ops::health::Health;
+use crate::pipeline::worker::Worker;
+use crate::tools::stub_issuer::{StubConfig, StubIssuer};
 
 /// `demo` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -65,11 +65,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut out = std::io::stdout();
     writeln!(out, "tenant-tokens demo, run {run_id}")?;
-    writeln!(out, "  broker   {}", broker::redact(&args.broker.amqp_url))?;
+    writeln!(
+        out,
+        "  broker   {}",
+        crate::telemetry::redact_url(&args.broker.amqp_url)
+    )?;
     writeln!(
         out,
         "  database {}",
-        broker::redact(&args.database.database_url)
+        crate::telemetry::redact_url(&args.database.database_url)
     )?;
 
     // 1. The stub issuer, in this process.

@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::configuration::Settings;
-use crate::handle::{self, Context};
-use crate::health::Health;
 use crate::issuer::IssuerClient;
-use crate::provision::Provisioner;
+use crate::ops::health::Health;
+use crate::pipeline::handle::{self, Context};
+use crate::pipeline::provision::Provisioner;
 use crate::store::Store;
 use crate::telemetry::metric;
 
@@ -60,7 +60,7 @@ impl Worker {
                 Ok(store) => break store,
                 Err(e) => tracing::warn!(
                     error = %e,
-                    database = %broker::redact(&settings.database_url),
+                    database = %crate::telemetry::redact_url(&settings.database_url),
                     retry_in = ?delay,
                     "database unavailable at start-up"
                 ),
@@ -132,7 +132,12 @@ impl Worker {
         let shutdown = self.ctx.shutdown.clone();
         let conn = broker::connect(&self.amqp_url, "tenant-tokens worker")
             .await
-            .map_err(|e| anyhow::anyhow!("connect to {}: {e}", broker::redact(&self.amqp_url)))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "connect to {}: {e}",
+                    crate::telemetry::redact_url(&self.amqp_url)
+                )
+            })?;
         let setup = conn.create_channel().await?;
         topology::declare(&setup, &self.retry_delays).await?;
         let publisher = Publisher::new(conn.create_channel().await?).await?;

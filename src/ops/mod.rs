@@ -1,6 +1,8 @@
 //! The ops endpoints: `/healthz` (the process is alive), `/readyz` (it is consuming and can
 //! do its job) and `/metrics` (Prometheus text).
 
+pub mod health;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use self::health::Health;
 use crate::telemetry;
 
 /// The router, separate from the listener so tests can serve it anywhere.

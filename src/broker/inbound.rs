@@ -1,0 +1,97 @@
+//! A delivery taken apart once, at the edge: the pipeline handles [`Inbound`] values and never
+//! reads AMQP properties or headers itself.
+
+use std::time::Instant;
+
+use lapin::Acker;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{FieldTable, ShortString};
+
+use super::message::{header_str, header_u32, with_headers};
+use super::topology::headers;
+use crate::pipeline::decode::Envelope;
+use crate::telemetry::InFlight;
+
+/// One message taken from the requests queue, with what the pipeline needs of it.
+pub struct Inbound {
+    /// The routing key the request was first published with (a retried message keeps it in
+    /// `x-tt-original-routing-key`).
+    pub routing_key: String,
+    /// Earlier deliveries that failed with a retryable error (`x-tt-attempts`).
+    pub attempts: u32,
+    /// The AMQP `message_id`.
+    pub message_id: Option<String>,
+    /// The AMQP `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// The AMQP `content_type`.
+    pub content_type: Option<String>,
+    /// The W3C `traceparent` header, when it is text.
+    pub traceparent: Option<String>,
+    /// The body, as published.
+    pub body: Vec<u8>,
+    /// When the worker took the delivery (for `tenant_tokens_handle_duration_seconds`).
+    pub received: Instant,
+    properties: BasicProperties,
+    acker: Acker,
+    _in_flight: InFlight,
+}
+
+impl Inbound {
+    /// Takes a delivery apart. From here on it counts as in flight until it is dropped.
+    pub fn from_delivery(d: Delivery) -> Self {
+        let p = &d.properties;
+        let owned = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
+        Self {
+            routing_key: header_str(p, headers::ORIGINAL_ROUTING_KEY)
+                .unwrap_or(d.routing_key.as_str())
+                .to_owned(),
+            attempts: header_u32(p, headers::ATTEMPTS).unwrap_or(0),
+            message_id: owned(p.message_id()),
+            correlation_id: owned(p.correlation_id()),
+            content_type: owned(p.content_type()),
+            traceparent: header_str(p, headers::TRACEPARENT).map(str::to_owned),
+            received: Instant::now(),
+            _in_flight: InFlight::enter(),
+            properties: d.properties,
+            acker: d.acker,
+            body: d.data,
+        }
+    }
+
+    /// What the decoder needs.
+    pub fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            routing_key: &self.routing_key,
+            message_id: self.message_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            content_type: self.content_type.as_deref(),
+            traceparent: self.traceparent.as_deref(),
+        }
+    }
+
+    /// The original properties with headers changed by `edit`, persistent: for the copies that
+    /// go to a retry queue or the dead-letter queue, which keep everything of the original.
+    pub fn copy_properties(&self, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+        with_headers(&self.properties, edit)
+    }
+
+    /// Settles the message: the broker forgets it.
+    pub async fn ack(&self) {
+        if let Err(e) = self.acker.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is answered idempotently");
+        }
+    }
+
+    /// Hands the message back to the queue, untouched.
+    pub async fn requeue(&self) {
+        let opts = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        if let Err(e) = self.acker.nack(opts).await {
+            tracing::warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
+        }
+    }
+}
