@@ -57,6 +57,14 @@ impl StoreError {
     }
 }
 
+/// The pool size for `batches` batches in flight: one connection each, which a batch holds
+/// from its first read to its commit, plus one for the short statements that run beside them
+/// (the journal of issued tokens, committed on its own while a batch's transaction is open,
+/// and pruning). No batch can wait on another for a connection: at most `batches` hold one.
+pub fn pool_size_for(batches: u32) -> u32 {
+    batches.max(1) + 1
+}
+
 /// Pool and migrations.
 #[derive(Clone, Debug)]
 pub struct Store {

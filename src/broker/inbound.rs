@@ -12,7 +12,7 @@ use lapin::types::{FieldTable, ShortString};
 use super::message::{header_str, header_u32, with_headers};
 use super::topology::headers;
 use crate::pipeline::decode::Envelope;
-use crate::telemetry::InFlight;
+use crate::telemetry::{InFlight, metric};
 
 /// One message taken from the requests queue, with what the pipeline needs of it.
 pub struct Inbound {
@@ -60,6 +60,11 @@ impl Inbound {
         }
     }
 
+    /// Delivery to settle, including waits for a batch slot or for the breaker.
+    fn settled(&self) {
+        metrics::histogram!(metric::HANDLE_DURATION).record(self.received.elapsed().as_secs_f64());
+    }
+
     /// What the decoder needs.
     pub fn envelope(&self) -> Envelope<'_> {
         Envelope {
@@ -79,6 +84,7 @@ impl Inbound {
 
     /// Settles the message: the broker forgets it.
     pub async fn ack(&self) {
+        self.settled();
         if let Err(e) = self.acker.ack(BasicAckOptions::default()).await {
             tracing::warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is answered idempotently");
         }
@@ -86,6 +92,7 @@ impl Inbound {
 
     /// Hands the message back to the queue, untouched.
     pub async fn requeue(&self) {
+        self.settled();
         let opts = BasicNackOptions {
             requeue: true,
             multiple: false,

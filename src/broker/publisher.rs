@@ -14,6 +14,9 @@ pub enum PublishError {
     /// The broker refused the message.
     #[error("broker nacked the publish")]
     Nacked,
+    /// The body could not be encoded; nothing was published.
+    #[error("cannot encode the message: {0}")]
+    Encode(String),
     /// A `mandatory` message matched no queue.
     #[error("message was unroutable (no queue bound for routing key {0:?})")]
     Unroutable(String),

@@ -163,6 +163,21 @@ pub async fn declare(ch: &Channel, retry_delays: &[Duration]) -> Result<(), lapi
     Ok(())
 }
 
+/// Messages in `tenant-tokens.dead` (a passive declare: creates nothing).
+pub async fn dead_letter_count(ch: &Channel) -> Result<u32, lapin::Error> {
+    let q = ch
+        .queue_declare(
+            DEAD_LETTER_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
 /// Declares a private queue (exclusive, deleted with its connection) that receives every
 /// `tenant.token.ready`, for the demo, the benchmark and tests that watch the worker's output.
 pub async fn declare_ready_listener(ch: &Channel) -> Result<ShortString, lapin::Error> {

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::dead_letters::DeadLetterDepth;
 use crate::pipeline::breaker::Breaker;
 
 /// What `/readyz` reports: ready while consuming from a live broker, with a reachable
@@ -13,6 +14,8 @@ pub struct Health {
     draining: AtomicBool,
     /// The issuer breaker.
     pub breaker: Breaker,
+    /// The dead-letter queue's depth, read on scrape.
+    pub dead_letters: DeadLetterDepth,
 }
 
 impl Health {

@@ -1,6 +1,7 @@
 //! The ops endpoints: `/healthz` (the process is alive), `/readyz` (it is consuming and can
 //! do its job) and `/metrics` (Prometheus text).
 
+pub mod dead_letters;
 pub mod health;
 
 use std::net::SocketAddr;
@@ -38,7 +39,8 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     )
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    health.dead_letters.refresh().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::metrics_handle().render(),

@@ -3,9 +3,13 @@
 //! time probe it (half-open).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
+use super::disposition::{BreakerState, Happened};
+use crate::broker::inbound::Inbound;
 use crate::telemetry::metric;
 
 /// Pauses consumption for the whole process while the issuer refuses the master token (or is
@@ -44,6 +48,32 @@ impl Breaker {
     /// Messages in a row whose issue calls failed transiently (budget spent) before the breaker opens.
     pub fn set_threshold(&self, n: u32) {
         self.threshold.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Records what happened to one message and returns the state the disposition table
+    /// needs: a refused master token opens the breaker, a transient failure counts toward
+    /// opening it, an answer from the issuer closes it.
+    pub fn record(&self, happened: Happened, issuer_answered: bool) -> BreakerState {
+        match happened {
+            Happened::Unauthorized => self.trip("the issuer refuses the master token"),
+            Happened::Transient if !self.is_open() => {
+                self.record_transient();
+            }
+            _ if issuer_answered => self.record_success(),
+            _ => {}
+        }
+        self.state()
+    }
+
+    /// The state as the disposition table sees it.
+    pub fn state(&self) -> BreakerState {
+        if !self.is_open() {
+            BreakerState::Closed
+        } else if self.is_probing() {
+            BreakerState::OpenProbing
+        } else {
+            BreakerState::OpenIdle
+        }
     }
 
     /// Whether consumption is paused.
@@ -103,6 +133,63 @@ impl Breaker {
             }
             notified.await;
         }
+    }
+}
+
+/// What the consumer may take next (see [`Breaker::admission`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Take up to this many deliveries.
+    Take(usize),
+    /// Take nothing now; ask again.
+    Wait,
+    /// Shutdown: stop consuming.
+    Stop,
+}
+
+impl Breaker {
+    /// How many deliveries the consumer may take: a whole batch while the breaker is closed;
+    /// while it is open, nothing while a probe runs, and one (to become the probe) when none
+    /// does (the last one gave up). Waits up to 2 s for the breaker to close first.
+    pub async fn admission(&self, batch_size: usize, shutdown: &CancellationToken) -> Admission {
+        if !self.is_open() {
+            return Admission::Take(batch_size);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Admission::Stop,
+            () = self.wait_closed() => {}
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        match self.state() {
+            BreakerState::Closed => Admission::Take(batch_size),
+            BreakerState::OpenProbing => Admission::Wait,
+            BreakerState::OpenIdle => Admission::Take(1),
+        }
+    }
+
+    /// The breaker may have opened while the consumer waited for `batch`: send no batch to
+    /// an issuer that refuses us. Holds it until the breaker closes or, when no probe is
+    /// running, keeps its first delivery (to become the probe) and hands the rest back.
+    /// `false` on shutdown (the held deliveries go back when the channel closes).
+    pub async fn hold_while_open(
+        &self,
+        batch: &mut Vec<Inbound>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        while self.is_open() {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = self.wait_closed() => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            if self.state() == BreakerState::OpenIdle {
+                for m in batch.drain(1..) {
+                    m.requeue().await;
+                }
+                break;
+            }
+        }
+        !shutdown.is_cancelled()
     }
 }
 

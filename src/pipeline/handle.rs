@@ -1,54 +1,33 @@
-//! Handling one batch of deliveries, top to bottom:
-//! delivery → [`decode`](crate::pipeline::decode) → [`Provisioner::provision`] → event → ack.
+//! Handling one batch of messages, top to bottom:
+//! [`Inbound`] → [`decode`](super::decode) → [`Provisioner::provision`] →
+//! [`disposition::decide`] → carry the disposition out (publish, then ack).
 //!
-//! Every delivery ends in exactly one of: ack after its ready event is confirmed; ack after a
+//! Every message ends in exactly one of: ack after its ready event is confirmed; ack after a
 //! confirmed copy went to a retry queue or to the dead-letter queue; or nack with requeue
-//! (nothing is lost) when that copy could not be published, the issuer refuses the master
-//! token, or the process is shutting down.
+//! (nothing is lost) when that copy could not be published, the breaker is open, or the
+//! process is shutting down. This module carries dispositions out; it decides none of them.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use lapin::BasicProperties;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::broker::message::{self, cut, header_u32, original_routing_key, text, with_headers};
+use super::decode;
+use super::disposition::{self, BreakerState, DeadKind, Disposition, Happened, Policy};
+use super::provision::{Outcome, ProvisionError, Provisioner};
+use crate::broker::inbound::Inbound;
+use crate::broker::message::{cut, text};
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::topology::{self, headers};
-use crate::domain::ProvisionRequest;
-use crate::domain::{ReadyEvent, now_rfc3339};
+use crate::domain::{ProvisionRequest, ReadyEvent, now_rfc3339};
 use crate::issuer::IssuerError;
 use crate::ops::health::Health;
-use crate::pipeline::decode::{self, DecodeError};
-use crate::pipeline::provision::{Outcome, Provisioner};
 use crate::telemetry::metric;
-
-/// The kinds of dead letter (contract §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadKind {
-    /// Bad input, never retried.
-    Invalid,
-    /// The issuer refused the request (4xx other than 401/403).
-    Rejected,
-    /// `MAX_ATTEMPTS` deliveries failed with retryable errors.
-    Exhausted,
-}
-
-impl DeadKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Invalid => "invalid",
-            Self::Rejected => "rejected",
-            Self::Exhausted => "exhausted",
-        }
-    }
-}
 
 /// What the batch handler needs; shared by every batch of the process.
 pub struct Context {
@@ -56,73 +35,87 @@ pub struct Context {
     pub provisioner: Provisioner,
     /// Readiness and the breaker.
     pub health: Arc<Health>,
-    /// `MAX_ATTEMPTS`.
-    pub max_attempts: u32,
-    /// Retry-queue delays.
-    pub retry_delays: Vec<Duration>,
+    /// `MAX_ATTEMPTS` and `RETRY_DELAYS`.
+    pub policy: Policy,
     /// Cancelled on SIGTERM: stop retrying in place and hand messages back.
     pub shutdown: CancellationToken,
 }
 
-/// Handles a batch: one transaction and one confirm wait for all of it.
-pub async fn handle_batch(ctx: &Context, publisher: &Publisher, deliveries: Vec<Delivery>) {
-    let started = Instant::now();
-    let n = deliveries.len();
-    metrics::gauge!(metric::IN_FLIGHT).increment(n as f64);
-    metrics::histogram!(metric::BATCH_SIZE).record(n as f64);
+/// What became of one valid request, as the handler sees it.
+enum Fate {
+    /// The provisioning step answered.
+    Provisioned(Outcome),
+    /// Provisioning this request alone failed with an error retrying cannot fix.
+    Unrecoverable(String),
+    /// Shutdown came before an answer.
+    Interrupted,
+}
 
-    let mut valid = Vec::with_capacity(n);
-    let mut reqs = Vec::with_capacity(n);
-    let mut invalid = Vec::new();
-    for d in deliveries {
-        let key = original_routing_key(d.routing_key.as_str(), &d.properties);
-        metrics::counter!(metric::DELIVERIES, "routing_key" => key.to_owned()).increment(1);
-        match decode::decode(
-            &message::envelope(d.routing_key.as_str(), &d.properties),
-            &d.data,
-        ) {
-            Ok(req) => {
-                valid.push(d);
-                reqs.push(req);
+impl Fate {
+    fn happened(&self) -> Happened {
+        match self {
+            Self::Provisioned(Outcome::Ready(_)) => Happened::Ready,
+            Self::Provisioned(Outcome::Failed(IssuerError::Unauthorized { .. })) => {
+                Happened::Unauthorized
             }
-            Err(e) => invalid.push((d, e)),
+            Self::Provisioned(Outcome::Failed(IssuerError::Rejected { status, .. })) => {
+                Happened::Rejected { status: *status }
+            }
+            Self::Provisioned(Outcome::Failed(IssuerError::Transient { .. })) => {
+                Happened::Transient
+            }
+            Self::Unrecoverable(_) => Happened::Unrecoverable,
+            Self::Interrupted => Happened::Interrupted,
         }
     }
 
-    let invalid_done = join_all(
-        invalid
-            .into_iter()
-            .map(|(d, e)| reject_invalid(publisher, d, e)),
-    );
-    let valid_done = async {
-        if reqs.is_empty() {
-            return;
-        }
-        let Some(outcomes) = provision_with_retry(ctx, &reqs).await else {
-            for d in &valid {
-                requeue(d).await;
-            }
-            return;
-        };
-        join_all(
-            valid
-                .iter()
-                .zip(&reqs)
-                .zip(outcomes)
-                .map(|((d, req), outcome)| {
-                    let span = request_span(req);
-                    finish(ctx, publisher, d, req, outcome).instrument(span)
-                }),
+    /// Whether the issuer answered this request (so it works, whatever else failed).
+    fn issuer_answered(&self) -> bool {
+        matches!(
+            self,
+            Self::Provisioned(Outcome::Ready(e)) if e.newly_issued
+        ) || matches!(
+            self,
+            Self::Provisioned(Outcome::Failed(IssuerError::Rejected { .. }))
         )
+    }
+
+    /// The `x-tt-error` text of a failure.
+    fn error(&self) -> String {
+        match self {
+            Self::Provisioned(Outcome::Failed(e)) => e.to_string(),
+            Self::Provisioned(Outcome::Ready(_)) => String::new(),
+            Self::Unrecoverable(e) => e.clone(),
+            Self::Interrupted => "interrupted by shutdown".into(),
+        }
+    }
+}
+
+/// Handles a batch: one transaction and one confirm wait for all of it.
+pub async fn handle_batch(ctx: &Context, publisher: &Publisher, batch: Vec<Inbound>) {
+    metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
+    let mut valid = Vec::with_capacity(batch.len());
+    let mut invalid = Vec::new();
+    for m in batch {
+        metrics::counter!(metric::DELIVERIES, "routing_key" => m.routing_key.clone()).increment(1);
+        match decode::decode(&m.envelope(), &m.body) {
+            Ok(req) => valid.push((m, req)),
+            Err(e) => invalid.push((m, e)),
+        }
+    }
+    let invalid_done = join_all(invalid.iter().map(|(m, e)| async move {
+        tracing::warn!(routing_key = %m.routing_key, error = %e, "invalid message; dead-lettering");
+        carry_out(ctx, publisher, m, Happened::Invalid, &e.to_string()).await;
+    }));
+    let valid_done = async {
+        let reqs: Vec<ProvisionRequest> = valid.iter().map(|(_, r)| r.clone()).collect();
+        let fates = provision(ctx, &reqs).await;
+        join_all(valid.iter().zip(fates).map(|((m, req), fate)| {
+            settle(ctx, publisher, m, req, fate).instrument(request_span(req))
+        }))
         .await;
     };
     tokio::join!(invalid_done, valid_done);
-
-    let secs = started.elapsed().as_secs_f64();
-    for _ in 0..n {
-        metrics::histogram!(metric::HANDLE_DURATION).record(secs);
-    }
-    metrics::gauge!(metric::IN_FLIGHT).decrement(n as f64);
 }
 
 fn request_span(req: &ProvisionRequest) -> tracing::Span {
@@ -138,87 +131,141 @@ fn request_span(req: &ProvisionRequest) -> tracing::Span {
     )
 }
 
-/// Runs the provisioning step, retrying database failures in place (the messages stay
-/// unacked, so nothing is lost and nothing spins). `None` on shutdown.
-async fn provision_with_retry(ctx: &Context, reqs: &[ProvisionRequest]) -> Option<Vec<Outcome>> {
+/// Runs the provisioning step until every request has a fate. A database that is unavailable
+/// or busy is retried in place with backoff (the messages stay unacked, readiness says so); a
+/// batch that fails with an error retrying cannot fix is split and each request provisioned
+/// alone, so one poison message is dead-lettered and the others complete.
+async fn provision(ctx: &Context, reqs: &[ProvisionRequest]) -> Vec<Fate> {
+    if reqs.is_empty() {
+        return Vec::new();
+    }
     let mut delay = Duration::from_millis(100);
     loop {
-        match ctx.provisioner.provision(reqs).await {
+        let error = match ctx.provisioner.provision(reqs).await {
             Ok(outcomes) => {
                 ctx.health.set_database(true);
-                return Some(outcomes);
+                return outcomes.into_iter().map(Fate::Provisioned).collect();
             }
-            Err(e) => {
-                ctx.health.set_database(false);
-                tracing::warn!(error = %e, batch = reqs.len(), retry_in = ?delay, "provisioning failed, will retry");
-            }
-        }
+            Err(e) if e.is_retryable() => e,
+            Err(e) => return split(ctx, reqs, e).await,
+        };
+        ctx.health.set_database(false);
+        tracing::warn!(error = %error, batch = reqs.len(), retry_in = ?delay, "provisioning failed, will retry");
         tokio::select! {
-            () = ctx.shutdown.cancelled() => return None,
+            () = ctx.shutdown.cancelled() => return reqs.iter().map(|_| Fate::Interrupted).collect(),
             () = tokio::time::sleep(jitter(delay)) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-/// Ends one valid delivery according to its outcome.
-async fn finish(
+/// A batch failed with an error that retrying the batch cannot fix: provision each request
+/// alone. A request that fails alone the same way is the poison.
+async fn split(ctx: &Context, reqs: &[ProvisionRequest], error: ProvisionError) -> Vec<Fate> {
+    if let [req] = reqs {
+        tracing::error!(tenant = %req.tenant_id, message = %req.identity, error = %error, "request cannot be provisioned; dead-lettering");
+        return vec![Fate::Unrecoverable(error.to_string())];
+    }
+    tracing::warn!(error = %error, batch = reqs.len(), "batch failed; provisioning its requests one by one");
+    let mut fates = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        fates.extend(Box::pin(provision(ctx, std::slice::from_ref(req))).await);
+    }
+    fates
+}
+
+/// Ends one valid message according to its fate.
+async fn settle(
     ctx: &Context,
     publisher: &Publisher,
-    d: &Delivery,
+    m: &Inbound,
     req: &ProvisionRequest,
-    outcome: Outcome,
+    fate: Fate,
 ) {
-    match outcome {
-        Outcome::Ready(event) => {
-            if event.newly_issued {
-                // The issuer answered: evidence that it works again.
-                ctx.health.breaker.record_success();
+    let happened = fate.happened();
+    let breaker = ctx.health.breaker.record(happened, fate.issuer_answered());
+    match disposition::decide(happened, m.attempts, breaker, &ctx.policy) {
+        Disposition::Publish => {
+            if let Fate::Provisioned(Outcome::Ready(event)) = &fate {
+                publish_ready(publisher, m, req, event).await;
             }
-            publish_ready(publisher, d, req, &event).await;
         }
-        Outcome::Failed(IssuerError::Unauthorized { status }) => {
-            ctx.health.breaker.trip(&format!(
-                "issuer answered HTTP {status} to the master token"
-            ));
-            probe_or_requeue(ctx, publisher, d, req).await;
+        Disposition::HoldAsProbe => probe(ctx, publisher, m, req).await,
+        other => execute(publisher, m, &other, &fate.error()).await,
+    }
+}
+
+/// Decides and carries out the disposition of a message that has no request (invalid input).
+async fn carry_out(
+    ctx: &Context,
+    publisher: &Publisher,
+    m: &Inbound,
+    happened: Happened,
+    error: &str,
+) {
+    let d = disposition::decide(happened, m.attempts, BreakerState::Closed, &ctx.policy);
+    execute(publisher, m, &d, error).await;
+}
+
+/// Carries out a disposition that needs no provisioning: a retry copy, a dead letter, or
+/// handing the message back.
+async fn execute(publisher: &Publisher, m: &Inbound, d: &Disposition, error: &str) {
+    match *d {
+        Disposition::RetryLater { delay, attempts } => {
+            tracing::info!(attempts, retry_in = ?delay, error, "issuer unavailable; retrying later");
+            let result = retry_later(publisher, m, delay, attempts, error).await;
+            finish(m, result, "retried").await;
         }
-        Outcome::Failed(IssuerError::Rejected { status, body }) => {
-            ctx.health.breaker.record_success();
-            let error = format!("issuer rejected the request with HTTP {status}: {body}");
-            tracing::warn!(status, "issuer rejected the request; dead-lettering");
-            settle(
-                d,
-                dead_letter(
-                    publisher,
-                    d,
-                    DeadKind::Rejected,
-                    &error,
-                    attempts(d),
-                    Some(status),
-                )
-                .await,
-            )
-            .await;
-            metrics::counter!(metric::OUTCOMES, "outcome" => "rejected").increment(1);
+        Disposition::DeadLetter {
+            kind,
+            attempts,
+            issuer_status,
+        } => {
+            tracing::warn!(
+                kind = kind.as_str(),
+                attempts,
+                issuer_status,
+                error,
+                "dead-lettering"
+            );
+            let result = dead_letter(publisher, m, kind, error, attempts, issuer_status).await;
+            finish(m, result, kind.as_str()).await;
         }
-        Outcome::Failed(e @ IssuerError::Transient { .. }) => {
-            if ctx.health.breaker.is_open() || ctx.health.breaker.record_transient() {
-                probe_or_requeue(ctx, publisher, d, req).await;
-            } else {
-                retry_later(ctx, publisher, d, &e.to_string()).await;
-            }
+        Disposition::Requeue | Disposition::HoldAsProbe | Disposition::Publish => {
+            m.requeue().await;
         }
     }
 }
 
-async fn publish_ready(
-    publisher: &Publisher,
-    d: &Delivery,
-    req: &ProvisionRequest,
-    event: &ReadyEvent,
-) {
-    let body = serde_json::to_vec(event).unwrap_or_default();
+async fn publish_ready(publisher: &Publisher, m: &Inbound, req: &ProvisionRequest, e: &ReadyEvent) {
+    let result = match serde_json::to_vec(e) {
+        Ok(body) => {
+            let props = ready_properties(req, e);
+            publisher
+                .publish(
+                    topology::EVENTS_EXCHANGE,
+                    topology::TOKEN_READY,
+                    &body,
+                    props,
+                    false,
+                )
+                .await
+        }
+        Err(error) => Err(PublishError::Encode(error.to_string())),
+    };
+    if result.is_ok() {
+        tracing::info!(container = %e.container, newly_issued = e.newly_issued, event_id = %e.event_id, "token ready");
+    }
+    let outcome = if e.newly_issued {
+        "provisioned"
+    } else {
+        "existing"
+    };
+    finish(m, result, outcome).await;
+}
+
+/// The properties of `tenant.token.ready` (contract §7).
+fn ready_properties(req: &ProvisionRequest, event: &ReadyEvent) -> BasicProperties {
     let mut h = FieldTable::default();
     if let Some(c) = &req.correlation_id {
         h.insert(headers::REQUEST_CORRELATION_ID.into(), text(c));
@@ -226,7 +273,7 @@ async fn publish_ready(
     if let Some(tp) = req.traceparent.as_deref().and_then(child_traceparent) {
         h.insert(headers::TRACEPARENT.into(), text(&tp));
     }
-    let props = BasicProperties::default()
+    BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_message_id(event.event_id.to_string().into())
@@ -234,148 +281,76 @@ async fn publish_ready(
         .with_app_id("tenant-tokens".into())
         .with_type(topology::TOKEN_READY.into())
         .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
-        .with_headers(h);
-    let result = publisher
-        .publish(
-            topology::EVENTS_EXCHANGE,
-            topology::TOKEN_READY,
-            &body,
-            props,
-            false,
-        )
-        .await;
-    if result.is_ok() {
-        let outcome = if event.newly_issued {
-            "provisioned"
-        } else {
-            "existing"
-        };
-        metrics::counter!(metric::OUTCOMES, "outcome" => outcome).increment(1);
-        tracing::info!(container = %event.container, newly_issued = event.newly_issued, event_id = %event.event_id, "token ready");
-    }
-    settle(d, result).await;
+        .with_headers(h)
 }
 
-/// The half-open breaker: one held delivery retries its whole provisioning with backoff until
-/// the issuer answers; every other delivery goes back to the queue untouched (no attempt counted).
-async fn probe_or_requeue(
-    ctx: &Context,
-    publisher: &Publisher,
-    d: &Delivery,
-    req: &ProvisionRequest,
-) {
+/// The half-open breaker: this message stays unacked (still the queue's, should the process
+/// die) and retries its whole provisioning with backoff, one real request at a time, until
+/// the issuer answers; then it is settled like any other. Another message that finds a probe
+/// running goes back to the queue untouched.
+async fn probe(ctx: &Context, publisher: &Publisher, m: &Inbound, req: &ProvisionRequest) {
     let Some(_probe) = ctx.health.breaker.try_probe() else {
-        requeue(d).await;
+        m.requeue().await;
         return;
     };
     let mut delay = Duration::from_millis(500);
     loop {
         tokio::select! {
-            () = ctx.shutdown.cancelled() => {
-                requeue(d).await;
-                return;
-            }
+            () = ctx.shutdown.cancelled() => return m.requeue().await,
             () = tokio::time::sleep(jitter(delay)) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
-        let Some(mut outcomes) = provision_with_retry(ctx, std::slice::from_ref(req)).await else {
-            requeue(d).await;
-            return;
-        };
-        match outcomes.pop() {
-            Some(Outcome::Failed(IssuerError::Unauthorized { .. })) => {
-                tracing::info!(next_probe_in = ?delay, "issuer still refuses the master token");
+        match provision(ctx, std::slice::from_ref(req)).await.pop() {
+            Some(Fate::Interrupted) | None => return m.requeue().await,
+            Some(f) if matches!(f.happened(), Happened::Unauthorized | Happened::Transient) => {
+                tracing::info!(next_probe_in = ?delay, error = %f.error(), "issuer still refuses or is unavailable");
             }
-            Some(Outcome::Failed(IssuerError::Transient { .. })) => {
-                tracing::info!(next_probe_in = ?delay, "issuer still unavailable");
-            }
-            Some(outcome) => {
+            Some(fate) => {
                 ctx.health.breaker.record_success();
-                Box::pin(finish(ctx, publisher, d, req, outcome)).await;
-                return;
-            }
-            None => {
-                requeue(d).await;
-                return;
+                return Box::pin(settle(ctx, publisher, m, req, fate)).await;
             }
         }
     }
 }
 
-/// A retryable failure: the message waits in a retry queue, or is dead-lettered as
-/// `exhausted` once `MAX_ATTEMPTS` deliveries have failed.
-async fn retry_later(ctx: &Context, publisher: &Publisher, d: &Delivery, error: &str) {
-    let attempts = attempts(d) + 1;
-    if attempts >= ctx.max_attempts {
-        tracing::warn!(attempts, error, "retries exhausted; dead-lettering");
-        let result = dead_letter(publisher, d, DeadKind::Exhausted, error, attempts, None).await;
-        if result.is_ok() {
-            metrics::counter!(metric::OUTCOMES, "outcome" => "exhausted").increment(1);
-        }
-        settle(d, result).await;
-        return;
-    }
-    let tier = (attempts as usize)
-        .saturating_sub(1)
-        .min(ctx.retry_delays.len().saturating_sub(1));
-    let Some(delay) = ctx.retry_delays.get(tier) else {
-        requeue(d).await;
-        return;
-    };
-    let key = original_routing_key(d.routing_key.as_str(), &d.properties).to_owned();
-    let props = with_headers(&d.properties, |h| {
+/// Publishes a copy to the retry queue of `delay`, with the attempt count and last error.
+async fn retry_later(
+    publisher: &Publisher,
+    m: &Inbound,
+    delay: Duration,
+    attempts: u32,
+    error: &str,
+) -> Result<(), PublishError> {
+    let props = m.copy_properties(|h| {
         h.insert(
             headers::ATTEMPTS.into(),
             AMQPValue::LongLongInt(i64::from(attempts)),
         );
-        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(&key));
+        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(&m.routing_key));
         h.insert(headers::ERROR.into(), text(cut(error, 1024)));
     });
-    let queue = topology::retry_queue_name(*delay);
-    tracing::info!(attempts, retry_in = ?delay, error, "issuer unavailable; retrying later");
-    let result = publisher.publish("", &queue, &d.data, props, true).await;
-    if result.is_ok() {
-        metrics::counter!(metric::OUTCOMES, "outcome" => "retried").increment(1);
-    }
-    settle(d, result).await;
-}
-
-async fn reject_invalid(publisher: &Publisher, d: Delivery, e: DecodeError) {
-    tracing::warn!(routing_key = %d.routing_key, error = %e, "invalid message; dead-lettering");
-    let result = dead_letter(
-        publisher,
-        &d,
-        DeadKind::Invalid,
-        &e.to_string(),
-        attempts(&d),
-        None,
-    )
-    .await;
-    if result.is_ok() {
-        metrics::counter!(metric::OUTCOMES, "outcome" => "invalid").increment(1);
-    }
-    settle(&d, result).await;
+    let queue = topology::retry_queue_name(delay);
+    publisher.publish("", &queue, &m.body, props, true).await
 }
 
 /// Publishes a copy to `tenant-tokens.dlx` with the original body and properties plus the
 /// `x-tt-*` headers of contract §2, confirmed and mandatory (so it surely reached a queue).
-pub async fn dead_letter(
+async fn dead_letter(
     publisher: &Publisher,
-    d: &Delivery,
+    m: &Inbound,
     kind: DeadKind,
     error: &str,
     attempts: u32,
     issuer_status: Option<u16>,
 ) -> Result<(), PublishError> {
-    let key = original_routing_key(d.routing_key.as_str(), &d.properties).to_owned();
-    let props = with_headers(&d.properties, |h| {
+    let props = m.copy_properties(|h| {
         h.insert(headers::ERROR.into(), text(cut(error, 1024)));
         h.insert(headers::ERROR_KIND.into(), text(kind.as_str()));
         h.insert(
             headers::ATTEMPTS.into(),
             AMQPValue::LongLongInt(i64::from(attempts)),
         );
-        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(&key));
+        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(&m.routing_key));
         h.insert(headers::FAILED_AT.into(), text(&now_rfc3339()));
         if let Some(s) = issuer_status {
             h.insert(
@@ -384,38 +359,24 @@ pub async fn dead_letter(
             );
         }
     });
+    let key = &m.routing_key;
     publisher
-        .publish(topology::DEAD_LETTER_EXCHANGE, &key, &d.data, props, true)
+        .publish(topology::DEAD_LETTER_EXCHANGE, key, &m.body, props, true)
         .await
 }
 
-/// Deliveries of this message that already failed with a retryable error.
-fn attempts(d: &Delivery) -> u32 {
-    header_u32(&d.properties, headers::ATTEMPTS).unwrap_or(0)
-}
-
-/// Acks when the follow-up publish took, else hands the message back.
-async fn settle(d: &Delivery, published: Result<(), PublishError>) {
+/// Acks when the follow-up publish took (counting `outcome` and the time since delivery),
+/// else hands the message back.
+async fn finish(m: &Inbound, published: Result<(), PublishError>, outcome: &'static str) {
     match published {
         Ok(()) => {
-            if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
-                tracing::warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is answered idempotently");
-            }
+            m.ack().await;
+            metrics::counter!(metric::OUTCOMES, "outcome" => outcome).increment(1);
         }
         Err(e) => {
             tracing::warn!(error = %e, "publish failed; returning the message to the queue");
-            requeue(d).await;
+            m.requeue().await;
         }
-    }
-}
-
-async fn requeue(d: &Delivery) {
-    let opts = BasicNackOptions {
-        requeue: true,
-        multiple: false,
-    };
-    if let Err(e) = d.acker.nack(opts).await {
-        tracing::warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
     }
 }
 

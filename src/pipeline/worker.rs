@@ -9,23 +9,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::breaker::Admission;
+use super::disposition::Policy;
+use super::handle::{self, Context};
+use super::provision::Provisioner;
+use crate::broker::inbound::Inbound;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::configuration::Settings;
 use crate::issuer::IssuerClient;
 use crate::ops::health::Health;
-use crate::pipeline::handle::{self, Context};
-use crate::pipeline::provision::Provisioner;
-use crate::store::Store;
-use crate::telemetry::metric;
+use crate::store::{self, Store};
+use crate::telemetry::redact_url;
 
 /// A configured worker, ready to run.
 pub struct Worker {
@@ -35,8 +37,15 @@ pub struct Worker {
     batch_size: usize,
     batch_slots: usize,
     grace: Duration,
-    retry_delays: Vec<Duration>,
     consumer_tag: String,
+}
+
+/// The channels of one broker session.
+struct Session {
+    conn: Connection,
+    consume: Channel,
+    consumer: Consumer,
+    publisher: Publisher,
 }
 
 impl Worker {
@@ -48,28 +57,9 @@ impl Worker {
         health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Option<Self>> {
-        let mut delay = Duration::from_millis(200);
-        let store = loop {
-            let attempt = async {
-                let store =
-                    Store::connect(&settings.database_url, settings.db_pool_size + 1).await?;
-                store.migrate().await?;
-                Ok::<_, crate::store::StoreError>(store)
-            };
-            match attempt.await {
-                Ok(store) => break store,
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    database = %crate::telemetry::redact_url(&settings.database_url),
-                    retry_in = ?delay,
-                    "database unavailable at start-up"
-                ),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(None),
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
+        let pool_size = store::pool_size_for(settings.db_pool_size);
+        let Some(store) = connect_store(&settings.database_url, pool_size, &shutdown).await else {
+            return Ok(None);
         };
         health.set_database(true);
         tokio::spawn(prune_requests(
@@ -85,11 +75,14 @@ impl Worker {
             settings.naming,
             settings.include_token,
         );
+        let policy = Policy {
+            max_attempts: settings.max_attempts,
+            retry_delays: settings.retry_delays,
+        };
         let ctx = Context {
             provisioner,
             health,
-            max_attempts: settings.max_attempts,
-            retry_delays: settings.retry_delays.clone(),
+            policy,
             shutdown,
         };
         Ok(Some(Self {
@@ -99,7 +92,6 @@ impl Worker {
             batch_size: usize::from(settings.batch_size),
             batch_slots: settings.db_pool_size as usize,
             grace: settings.shutdown_grace,
-            retry_delays: settings.retry_delays,
             consumer_tag: format!("tenant-tokens-{}", uuid::Uuid::new_v4().simple()),
         }))
     }
@@ -113,6 +105,7 @@ impl Worker {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.ctx.health.set_broker(false);
+                    self.ctx.health.dead_letters.attach(None);
                     if shutdown.is_cancelled() {
                         return Ok(());
                     }
@@ -129,23 +122,26 @@ impl Worker {
 
     /// One connection's life: `Ok` after a clean shutdown, `Err` when the broker failed.
     async fn session(&self) -> anyhow::Result<()> {
-        let shutdown = self.ctx.shutdown.clone();
+        let mut s = self.open_session().await?;
+        let mut tasks = JoinSet::new();
+        let ended = self.consume(&mut s, &mut tasks).await;
+        self.drain(&s, tasks).await;
+        ended
+    }
+
+    /// Connects, declares the topology and starts consuming with the configured prefetch.
+    async fn open_session(&self) -> anyhow::Result<Session> {
         let conn = broker::connect(&self.amqp_url, "tenant-tokens worker")
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "connect to {}: {e}",
-                    crate::telemetry::redact_url(&self.amqp_url)
-                )
-            })?;
+            .map_err(|e| anyhow::anyhow!("connect to {}: {e}", redact_url(&self.amqp_url)))?;
         let setup = conn.create_channel().await?;
-        topology::declare(&setup, &self.retry_delays).await?;
+        topology::declare(&setup, &self.ctx.policy.retry_delays).await?;
         let publisher = Publisher::new(conn.create_channel().await?).await?;
         let consume = conn.create_channel().await?;
         consume
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
-        let mut consumer = consume
+        let consumer = consume
             .basic_consume(
                 topology::REQUESTS_QUEUE.into(),
                 self.consumer_tag.as_str().into(),
@@ -153,6 +149,7 @@ impl Worker {
                 FieldTable::default(),
             )
             .await?;
+        self.ctx.health.dead_letters.attach(Some(setup));
         self.ctx.health.set_broker(true);
         tracing::info!(
             prefetch = self.prefetch,
@@ -160,102 +157,71 @@ impl Worker {
             "consuming {}",
             topology::REQUESTS_QUEUE
         );
+        Ok(Session {
+            conn,
+            consume,
+            consumer,
+            publisher,
+        })
+    }
 
+    /// Takes deliveries in batches and hands each batch to a task, at most `DB_POOL_SIZE` at
+    /// once, until shutdown (`Ok`) or a broker failure (`Err`).
+    async fn consume(&self, s: &mut Session, tasks: &mut JoinSet<()>) -> anyhow::Result<()> {
+        let shutdown = &self.ctx.shutdown;
+        let breaker = &self.ctx.health.breaker;
         let slots = Arc::new(Semaphore::new(self.batch_slots.max(1)));
-        let mut tasks = JoinSet::new();
-        let mut dead_letter_poll = tokio::time::interval(Duration::from_secs(15));
-        let ended: anyhow::Result<()> = loop {
-            // Breaker open: take no deliveries while a probe runs; with no probe running
-            // (the last one gave up), let one delivery through to become the probe.
-            let mut limit = self.batch_size;
-            if self.ctx.health.breaker.is_open() {
-                tokio::select! {
-                    () = shutdown.cancelled() => break Ok(()),
-                    () = self.ctx.health.breaker.wait_closed() => {}
-                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-                if self.ctx.health.breaker.is_open() {
-                    if self.ctx.health.breaker.is_probing() {
-                        continue;
-                    }
-                    limit = 1;
-                }
-            }
+        let mut liveness = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            let limit = match breaker.admission(self.batch_size, shutdown).await {
+                Admission::Stop => return Ok(()),
+                Admission::Wait => continue,
+                Admission::Take(n) => n,
+            };
             let first = tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
+                () = shutdown.cancelled() => return Ok(()),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-                _ = dead_letter_poll.tick() => {
-                    if !publisher.is_open() {
-                        break Err(anyhow::anyhow!("the publishing channel closed"));
-                    }
-                    if let Ok(q) = setup.queue_declare(topology::DEAD_LETTER_QUEUE.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await {
-                        metrics::gauge!(metric::DEAD_LETTERS).set(f64::from(q.message_count()));
-                    }
-                    continue;
-                }
-                next = consumer.next() => next,
+                _ = liveness.tick() => None,
+                next = s.consumer.next() => Some(next),
             };
-            let first = match first {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => break Err(e.into()),
-                None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
-            };
-            if !publisher.is_open() {
-                break Err(anyhow::anyhow!("the publishing channel closed"));
+            if !s.publisher.is_open() {
+                anyhow::bail!("the publishing channel closed");
             }
+            let first = match first {
+                None => continue,
+                Some(Some(Ok(d))) => Inbound::from_delivery(d),
+                Some(Some(Err(e))) => return Err(e.into()),
+                Some(None) => anyhow::bail!("the broker cancelled the consumer"),
+            };
             let mut batch = vec![first];
-            Self::take_ready(&mut consumer, &mut batch, limit);
-            // The breaker may have opened while this loop waited for the delivery (the check
-            // above ran before). Send no batch to an issuer that refuses us: hold it until
-            // the breaker closes, or, when no probe is running, let its first delivery
-            // through as the probe and hand the rest back to the queue. On shutdown the held
-            // deliveries go back when the channel closes.
-            if limit > 1 && self.ctx.health.breaker.is_open() {
-                loop {
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = self.ctx.health.breaker.wait_closed() => break,
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                    if !self.ctx.health.breaker.is_open() {
-                        break;
-                    }
-                    if !self.ctx.health.breaker.is_probing() {
-                        for d in batch.drain(1..) {
-                            let requeue = BasicNackOptions {
-                                requeue: true,
-                                multiple: false,
-                            };
-                            if let Err(e) = d.acker.nack(requeue).await {
-                                tracing::warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
-                            }
-                        }
-                        break;
-                    }
-                }
-                if shutdown.is_cancelled() {
-                    break Ok(());
-                }
+            take_ready(&mut s.consumer, &mut batch, limit);
+            if limit > 1 && !breaker.hold_while_open(&mut batch, shutdown).await {
+                return Ok(());
             }
             let Ok(permit) = slots.clone().acquire_owned().await else {
-                break Ok(());
+                return Ok(());
             };
             // Deliveries that arrived while every slot was busy join this batch rather than
             // wait for the next free slot (not a probe's: that one goes alone).
-            if !self.ctx.health.breaker.is_open() {
-                Self::take_ready(&mut consumer, &mut batch, self.batch_size);
+            if !breaker.is_open() {
+                take_ready(&mut s.consumer, &mut batch, self.batch_size);
             }
             let ctx = self.ctx.clone();
-            let publisher = publisher.clone();
+            let publisher = s.publisher.clone();
             tasks.spawn(async move {
                 handle::handle_batch(&ctx, &publisher, batch).await;
                 drop(permit);
             });
-        };
+        }
+    }
 
-        // Stop deliveries, drain in-flight work, hand back the rest.
+    /// Stops deliveries, lets in-flight batches finish within the grace period, and closes
+    /// the session, which hands every unsettled delivery back to the queue.
+    async fn drain(&self, s: &Session, mut tasks: JoinSet<()>) {
         self.ctx.health.set_broker(false);
-        let _ = consume
+        self.ctx.health.dead_letters.attach(None);
+        let _ = s
+            .consume
             .basic_cancel(
                 self.consumer_tag.as_str().into(),
                 BasicCancelOptions::default(),
@@ -265,25 +231,48 @@ impl Worker {
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "in-flight work did not finish within the grace period; returning it to the queue");
             tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
-        let _ = consume.close(200, "shutdown".into()).await;
-        let _ = conn.close(200, "shutdown".into()).await;
-        ended
+        let _ = s.consume.close(200, "shutdown".into()).await;
+        let _ = s.conn.close(200, "shutdown".into()).await;
     }
+}
 
-    /// Adds the deliveries that are already waiting to `batch`, up to `BATCH_SIZE`, without
-    /// waiting for more.
-    fn take_ready(
-        consumer: &mut lapin::Consumer,
-        batch: &mut Vec<lapin::message::Delivery>,
-        limit: usize,
-    ) {
-        while batch.len() < limit {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => batch.push(d),
-                _ => break,
-            }
+/// Adds the deliveries that are already waiting to `batch`, up to `limit`, without waiting
+/// for more.
+fn take_ready(consumer: &mut Consumer, batch: &mut Vec<Inbound>, limit: usize) {
+    while batch.len() < limit {
+        match consumer.next().now_or_never() {
+            Some(Some(Ok(d))) => batch.push(Inbound::from_delivery(d)),
+            _ => break,
         }
+    }
+}
+
+/// Connects to Postgres and migrates, retrying with backoff while it is unreachable; `None`
+/// when shutdown came first.
+async fn connect_store(url: &str, pool_size: u32, shutdown: &CancellationToken) -> Option<Store> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let store = Store::connect(url, pool_size).await?;
+            store.migrate().await?;
+            Ok::<_, store::StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Some(store),
+            Err(e) => tracing::warn!(
+                error = %e,
+                database = %redact_url(url),
+                retry_in = ?delay,
+                "database unavailable at start-up"
+            ),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -295,7 +284,7 @@ async fn prune_requests(store: Store, retention: Duration, shutdown: Cancellatio
             () = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        match crate::store::prune_requests(store.pool(), retention).await {
+        match store::prune_requests(store.pool(), retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, ?retention, "forgot old handled requests"),
             Err(e) => tracing::warn!(error = %e, "pruning old handled requests failed"),
