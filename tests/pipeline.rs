@@ -749,3 +749,63 @@ async fn handled_requests_are_forgotten_after_their_retention() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_the_rest_of_its_batch_completes() {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let dead = Collector::dead_letters(&env).await;
+    let producer = Producer::new(&env).await;
+    let store = tenant_tokens::store::Store::connect(&env.database_url, 1)
+        .await
+        .expect("database");
+    store.migrate().await.expect("migrations");
+    support::install_poison_trigger(&env).await;
+
+    // Published before the worker starts, so they arrive together and share batches.
+    let poison = tenant("poison");
+    let good: Vec<String> = (0..20).map(|_| tenant("good")).collect();
+    for (i, t) in good.iter().enumerate() {
+        if i == 10 {
+            producer
+                .request("tenant.created", json!({"tenant_id": poison}), None)
+                .await;
+        }
+        // A NUL in the name is valid JSON that Postgres text refuses: decided at the edge.
+        let name = format!("Good\u{0}{i}");
+        producer
+            .request(
+                "tenant.created",
+                json!({"tenant_id": t, "tenant_name": name}),
+                None,
+            )
+            .await;
+    }
+    let worker = env.start_worker(&issuer.uri(), &[]).await;
+
+    let evs = events.wait_for(good.len(), WAIT).await;
+    let dls = dead.wait_for(1, WAIT).await;
+    let provisioned = support::tenants_with_events(&evs);
+    assert!(
+        good.iter().all(|t| provisioned.contains(t)),
+        "every good tenant provisioned"
+    );
+    assert!(!provisioned.contains(&poison));
+    assert_eq!(dls.len(), 1);
+    assert_eq!(
+        dls[0].header("x-tt-error-kind").as_deref(),
+        Some("exhausted")
+    );
+    let error = dls[0].header("x-tt-error").unwrap_or_default();
+    assert!(error.contains("poisoned tenant"), "{error}");
+    assert_eq!(dls[0].json()["tenant_id"], poison.as_str());
+    assert!(
+        worker.health.not_ready_reasons().is_empty(),
+        "one bad message says nothing about the database: {:?}",
+        worker.health.not_ready_reasons()
+    );
+
+    worker.stop().await;
+    env.cleanup().await;
+}

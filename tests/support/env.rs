@@ -152,3 +152,25 @@ async fn delete_vhost(management: &str, name: &str) {
             .output();
     }
 }
+
+/// Makes every tenant whose id starts with `poison` unstorable: inserting its row fails with a
+/// check violation (SQLSTATE 23514), as a value Postgres refuses would. The schema must exist.
+pub async fn install_poison_trigger(env: &TestEnv) {
+    let mut db = env.db().await;
+    for statement in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.tenant_id LIKE 'poison%' THEN
+             RAISE EXCEPTION 'poisoned tenant %', NEW.tenant_id USING ERRCODE = 'check_violation';
+           END IF;
+           RETURN NEW;
+         END $$",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON tenants
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut db)
+            .await
+            .expect("poison trigger");
+    }
+}

@@ -27,7 +27,7 @@ mod workers;
 pub use self::{
     audit::{Audit, audit, tenants_with_events, wait_for_tenants},
     broker::{Collector, Producer, Received},
-    env::TestEnv,
+    env::{TestEnv, install_poison_trigger},
     issuer::{MASTER_TOKEN, stub_in_flight, stub_issuer},
     proxy::TcpProxy,
     util::{eventually, fake_jwt, free_local_addr, tenant},
