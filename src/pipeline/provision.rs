@@ -88,6 +88,16 @@ pub enum Outcome {
     Failed(IssuerError),
 }
 
+/// A claim: tenant id, proposed container, tenant name.
+type Claim = (String, String, Option<String>);
+
+/// What the steps of one batch share.
+struct Batch<'a> {
+    reqs: &'a [ProvisionRequest],
+    first: &'a HashMap<&'a str, &'a ProvisionRequest>,
+    known: &'a HashMap<String, String>,
+}
+
 /// Ties store, issuer and cipher together.
 #[derive(Clone)]
 pub struct Provisioner {
@@ -133,15 +143,41 @@ impl Provisioner {
         // transaction or a lock finds both (for every tenant of the batch: a superset of those
         // whose requests are new, which costs nothing and saves a round trip).
         let mut conn = self.store.pool().acquire().await?;
-        let (known, mut tenants) =
+        let (known, tenants) =
             store::lookup(&mut conn, &ids, &batch_tenants, self.include_token).await?;
+        let claims = self.claims(reqs, &first, &known, &tenants);
+        if claims.is_empty() {
+            // Every tenant has its token: the events follow from what was read, and one
+            // statement (atomic on its own) records the new requests.
+            let (outcomes, new_requests) =
+                decide(reqs, &known, &tenants, &HashMap::new(), &mut HashSet::new())?;
+            let lost_races = store::record_requests(&mut conn, &new_requests).await?;
+            return self.finish(reqs, outcomes, &lost_races, &HashMap::new(), &tenants);
+        }
+        let batch = Batch {
+            reqs,
+            first: &first,
+            known: &known,
+        };
+        self.issue_and_store(&mut conn, &batch, tenants, &claims)
+            .await
+    }
 
+    /// The tenants to claim: those with a new request (every one with `EVENT_INCLUDE_TOKEN`,
+    /// which needs the token) and no committed token, each with its proposed container.
+    fn claims(
+        &self,
+        reqs: &[ProvisionRequest],
+        first: &HashMap<&str, &ProvisionRequest>,
+        known: &HashMap<String, String>,
+        tenants: &HashMap<String, TenantRow>,
+    ) -> Vec<Claim> {
         let wanted: Vec<String> = unique(
             reqs.iter()
                 .filter(|r| self.include_token || !known.contains_key(r.identity.as_str()))
                 .map(|r| r.tenant_id.as_str()),
         );
-        let claims: Vec<(String, String, Option<String>)> = wanted
+        wanted
             .iter()
             .filter(|t| !tenants.contains_key(t.as_str()))
             .filter_map(|t| first.get(t.as_str()))
@@ -154,26 +190,50 @@ impl Provisioner {
                     name,
                 )
             })
-            .collect();
+            .collect()
+    }
 
-        if claims.is_empty() {
-            // Every tenant has its token: the events follow from what was read, and one
-            // statement (atomic on its own) records the new requests.
-            let no_failures = HashMap::new();
-            let (outcomes, new_requests) =
-                decide(reqs, &known, &tenants, &no_failures, &mut HashSet::new())?;
-            let lost_races = store::record_requests(&mut conn, &new_requests).await?;
-            return self.finish(reqs, outcomes, &lost_races, &HashMap::new(), &tenants);
-        }
-
-        // Claim tenants without a token; the row locks are held until the commit.
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let (claimed, now) = store::claim(&mut tx, &claims, self.include_token).await?;
+    /// The transaction for a batch with tenants to claim: claim (row locks held until the
+    /// commit), issue, journal, store the tokens and record the requests, commit.
+    async fn issue_and_store(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &Batch<'_>,
+        mut tenants: HashMap<String, TenantRow>,
+        claims: &[Claim],
+    ) -> Result<Vec<Outcome>, ProvisionError> {
+        let mut tx = sqlx::Connection::begin(conn).await?;
+        let (claimed, now) = store::claim(&mut tx, claims, self.include_token).await?;
         for row in claimed {
             tenants.insert(row.tenant_id.clone(), row);
         }
+        let (fresh, failures) = self.issue_missing(batch.first, &tenants).await;
+        self.journal(&fresh, &tenants).await?;
+        let (new_tokens, mut newly) = self.seal(batch.first, &fresh, &mut tenants, now);
+        let issued = newly.len();
+        let (outcomes, new_requests) =
+            decide(batch.reqs, batch.known, &tenants, &failures, &mut newly)?;
+        let (stored, lost_races) =
+            store::store_and_record(&mut tx, &new_tokens, &new_requests).await?;
+        if stored != issued {
+            // A claimed row is locked by this transaction, so every token is stored; anything
+            // else is a bug: roll back.
+            return Err(ProvisionError::Invariant(format!(
+                "stored {stored} of {issued} tokens of claimed tenants"
+            )));
+        }
+        metrics::counter!(metric::TOKENS_ISSUED).increment(issued as u64);
+        tx.commit().await?;
+        self.finish(batch.reqs, outcomes, &lost_races, &fresh, &tenants)
+    }
 
-        let (fresh, failures) = self.issue_missing(&first, &tenants).await;
+    /// Journals freshly issued tokens in a transaction of their own, before the batch's
+    /// commits, so one whose storing never commits can still be found and revoked.
+    async fn journal(
+        &self,
+        fresh: &HashMap<String, TenantToken>,
+        tenants: &HashMap<String, TenantRow>,
+    ) -> Result<(), StoreError> {
         let journal: Vec<IssuedToken> = fresh
             .iter()
             .map(|(tenant, token)| IssuedToken {
@@ -185,52 +245,45 @@ impl Provisioner {
                 jti: token.jti(),
             })
             .collect();
-        store::journal_issued(self.store.pool(), &journal).await?;
-        let new_tokens: Vec<NewToken> = fresh
-            .iter()
-            .filter_map(|(tenant, token)| {
-                let r = first.get(tenant.as_str())?;
-                Some(NewToken {
-                    tenant_id: tenant.clone(),
-                    sealed: self.cipher.seal(&r.tenant_id, token),
-                    fingerprint: token.fingerprint().as_str().to_owned(),
-                    jti: token.jti(),
-                })
-            })
-            .collect();
-        // The tokens are stored with `issued_at = now()`, the transaction's start time, which
-        // the claim returned: so the events can be decided before the statement that stores
-        // the tokens, and that one statement records the requests too.
-        let mut newly: HashSet<String> = HashSet::new();
-        for token in &new_tokens {
-            if let (Some(row), Some(t), Some(now)) = (
-                tenants.get_mut(&token.tenant_id),
-                fresh.get(&token.tenant_id),
-                now,
-            ) {
-                row.token = Some(StoredToken {
-                    fingerprint: t.fingerprint().as_str().to_owned(),
-                    issued_at: now,
-                    jti: t.jti(),
-                    sealed: None,
-                });
-                newly.insert(token.tenant_id.clone());
-            }
+        store::journal_issued(self.store.pool(), &journal).await
+    }
+
+    /// Encrypts the fresh tokens for storing and marks their rows as holding them. They are
+    /// stored with `issued_at = now()`, the transaction's start time, which the claim
+    /// returned: so the events can be decided before the statement that stores the tokens,
+    /// and that one statement records the requests too. Returns the tokens to store and the
+    /// tenants they were issued for.
+    fn seal(
+        &self,
+        first: &HashMap<&str, &ProvisionRequest>,
+        fresh: &HashMap<String, TenantToken>,
+        tenants: &mut HashMap<String, TenantRow>,
+        now: Option<time::OffsetDateTime>,
+    ) -> (Vec<NewToken>, HashSet<String>) {
+        let mut new_tokens = Vec::with_capacity(fresh.len());
+        let mut newly = HashSet::with_capacity(fresh.len());
+        for (tenant, token) in fresh {
+            let (Some(r), Some(row), Some(now)) =
+                (first.get(tenant.as_str()), tenants.get_mut(tenant), now)
+            else {
+                continue;
+            };
+            let fingerprint = token.fingerprint().as_str().to_owned();
+            new_tokens.push(NewToken {
+                tenant_id: tenant.clone(),
+                sealed: self.cipher.seal(&r.tenant_id, token),
+                fingerprint: fingerprint.clone(),
+                jti: token.jti(),
+            });
+            row.token = Some(StoredToken {
+                fingerprint,
+                issued_at: now,
+                jti: token.jti(),
+                sealed: None,
+            });
+            newly.insert(tenant.clone());
         }
-        let issued = newly.len();
-        let (outcomes, new_requests) = decide(reqs, &known, &tenants, &failures, &mut newly)?;
-        let (stored, lost_races) =
-            store::store_and_record(&mut tx, &new_tokens, &new_requests).await?;
-        if stored != issued {
-            // A claimed row is locked by this transaction, so every token is stored; anything
-            // else is a bug: roll back and let the batch be retried.
-            return Err(ProvisionError::Invariant(format!(
-                "stored {stored} of {issued} tokens of claimed tenants"
-            )));
-        }
-        metrics::counter!(metric::TOKENS_ISSUED).increment(issued as u64);
-        tx.commit().await?;
-        self.finish(reqs, outcomes, &lost_races, &fresh, &tenants)
+        (new_tokens, newly)
     }
 
     /// After the requests are recorded: the stored event of a request that a concurrent
