@@ -14,8 +14,11 @@ use serde_json::{Map, Value};
 use crate::domain::{ContainerName, TenantId, TenantToken};
 use crate::telemetry::metric;
 
-/// The longest issuer body kept in errors and dead letters.
+/// The longest issuer body kept in errors and dead letters; no more of an error is read.
 const MAX_BODY_SNIPPET: usize = 1024;
+/// The most of a 200 body that is read: a token is at most 16 KiB (see
+/// [`TenantToken::parse`]), with room for a JSON wrapper. A longer body is no token.
+const MAX_TOKEN_BODY: usize = 20 * 1024;
 
 /// How the issue call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -317,7 +320,13 @@ async fn classify(resp: reqwest::Response) -> Result<TenantToken, IssuerError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|s| Duration::from_secs(s.min(3600)));
-    let body = match resp.bytes().await {
+    // Read no more than what is used: a token (or its JSON wrapper), or the start of an error.
+    let limit = if status == StatusCode::OK {
+        MAX_TOKEN_BODY
+    } else {
+        MAX_BODY_SNIPPET
+    };
+    let body = match read_at_most(resp, limit).await {
         Ok(b) => b,
         Err(e) => {
             return Err(IssuerError::Transient {
@@ -357,6 +366,22 @@ async fn classify(resp: reqwest::Response) -> Result<TenantToken, IssuerError> {
             retry_after,
         }),
     }
+}
+
+/// The first `limit` bytes of a response body (one chunk more at most is buffered); the rest
+/// is never read, so an issuer cannot make the worker allocate without bound.
+async fn read_at_most(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match resp.chunk().await? {
+            Some(chunk) => body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())]),
+            None => break,
+        }
+    }
+    Ok(body)
 }
 
 /// The token of a 200 body: raw text, or a JSON object with a `token` string.
@@ -449,6 +474,94 @@ mod tests {
         assert_ne!(
             IssuerClient::idempotency_key(&t, &c),
             IssuerClient::idempotency_key(&t, &d)
+        );
+    }
+
+    async fn client_for(server: &wiremock::MockServer) -> IssuerClient {
+        IssuerClient::new(IssuerSettings {
+            url: server.uri(),
+            master_token: SecretString::from("master".to_owned()),
+            restrictions: Restrictions::default(),
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+        })
+        .expect("client")
+    }
+
+    async fn answering(status: u16, body: Vec<u8>) -> wiremock::MockServer {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .respond_with(wiremock::ResponseTemplate::new(status).set_body_bytes(body))
+            .mount(&server)
+            .await;
+        server
+    }
+
+    /// An HTTP server whose answer has the given status and a body that never ends.
+    async fn endless(status: u16) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            // Take the whole request (its JSON body ends with `}`) before answering.
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"}") {
+                match tokio::io::AsyncReadExt::read(&mut sock, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = format!("HTTP/1.1 {status} X\r\ncontent-length: 1000000000000\r\n\r\n");
+            if sock.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            while sock.write_all(&chunk).await.is_ok() {}
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_as_far_as_the_snippet() {
+        let url = endless(400).await;
+        let client = IssuerClient::new(IssuerSettings {
+            url,
+            master_token: SecretString::from("master".to_owned()),
+            restrictions: Restrictions::default(),
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+        })
+        .expect("client");
+        let container = ContainerName::parse("c-1").expect("name");
+        match client.issue_once(&container, "k").await {
+            Err(IssuerError::Rejected { status, body }) => {
+                assert_eq!(status, 400);
+                assert_eq!(body.len(), MAX_BODY_SNIPPET);
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_200_body_too_long_for_a_token_is_an_issuer_fault() {
+        let server = answering(200, vec![b'a'; 1024 * 1024]).await;
+        let container = ContainerName::parse("c-1").expect("name");
+        let outcome = client_for(&server).await.issue_once(&container, "k").await;
+        assert!(
+            matches!(
+                outcome,
+                Err(IssuerError::Transient {
+                    status: Some(200),
+                    ..
+                })
+            ),
+            "{outcome:?}"
         );
     }
 }

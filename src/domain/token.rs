@@ -40,7 +40,10 @@ impl TenantToken {
             .ok()?;
         let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         let jti = claims.get("jti")?.as_str()?;
-        (!jti.is_empty() && jti.len() <= 256).then(|| jti.to_owned())
+        // Stored as Postgres `text` and shown to operators: no control characters (a NUL
+        // would make the token unstorable), bounded length.
+        let fits = !jti.is_empty() && jti.len() <= 256 && !jti.chars().any(char::is_control);
+        fits.then(|| jti.to_owned())
     }
 }
 
@@ -102,6 +105,14 @@ mod tests {
         let no = TenantToken::parse(&jwt(r#"{"ten":"c"}"#)).expect("token");
         assert_eq!(no.jti(), None);
         assert_eq!(TenantToken::parse("opaque").expect("token").jti(), None);
+    }
+
+    #[test]
+    fn a_jti_that_postgres_text_cannot_hold_is_not_kept() {
+        let nul = TenantToken::parse(&jwt(r#"{"ten":"c","jti":"a\u0000b"}"#)).expect("token");
+        assert_eq!(nul.jti(), None);
+        let long = format!(r#"{{"jti":"{}"}}"#, "j".repeat(257));
+        assert_eq!(TenantToken::parse(&jwt(&long)).expect("token").jti(), None);
     }
 
     #[test]
