@@ -92,75 +92,81 @@ fn quorum_args() -> FieldTable {
 /// the requests queue through the default exchange. The request queue dead-letters to
 /// `tenant-tokens.dlx` only when its delivery limit is hit.
 pub async fn declare(ch: &Channel, retry_delays: &[Duration]) -> Result<(), lapin::Error> {
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.exchange_declare(
-        EVENTS_EXCHANGE.into(),
-        ExchangeKind::Topic,
-        durable_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        DEAD_LETTER_EXCHANGE.into(),
-        ExchangeKind::Topic,
-        durable_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-
-    let mut req_args = quorum_args();
-    req_args.insert("x-dead-letter-exchange".into(), s(DEAD_LETTER_EXCHANGE));
-    req_args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
-    req_args.insert("x-overflow".into(), s("reject-publish"));
-    req_args.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongLongInt(DELIVERY_LIMIT),
-    );
-    ch.queue_declare(REQUESTS_QUEUE.into(), durable_queue, req_args)
-        .await?;
-    for key in [TENANT_CREATED, EXTENSION_REQUESTED] {
-        ch.queue_bind(
-            REQUESTS_QUEUE.into(),
-            EVENTS_EXCHANGE.into(),
-            key.into(),
-            QueueBindOptions::default(),
+    for exchange in [EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE] {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            durable,
             FieldTable::default(),
         )
         .await?;
     }
-
-    ch.queue_declare(DEAD_LETTER_QUEUE.into(), durable_queue, quorum_args())
+    declare_requests(ch).await?;
+    ch.queue_declare(DEAD_LETTER_QUEUE.into(), DURABLE, quorum_args())
         .await?;
+    bind(ch, DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "#").await?;
+    for delay in retry_delays {
+        declare_retry_queue(ch, *delay).await?;
+    }
+    Ok(())
+}
+
+const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+/// The requests queue: dead-letters to `tenant-tokens.dlx` only at its delivery limit.
+async fn declare_requests(ch: &Channel) -> Result<(), lapin::Error> {
+    let mut args = quorum_args();
+    args.insert("x-dead-letter-exchange".into(), s(DEAD_LETTER_EXCHANGE));
+    args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+    args.insert("x-overflow".into(), s("reject-publish"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    ch.queue_declare(REQUESTS_QUEUE.into(), DURABLE, args)
+        .await?;
+    for key in [TENANT_CREATED, EXTENSION_REQUESTED] {
+        bind(ch, REQUESTS_QUEUE, EVENTS_EXCHANGE, key).await?;
+    }
+    Ok(())
+}
+
+/// A retry queue holds a message for its TTL, then dead-letters it (at least once) back to
+/// the requests queue through the default exchange.
+async fn declare_retry_queue(ch: &Channel, delay: Duration) -> Result<(), lapin::Error> {
+    let mut a = quorum_args();
+    a.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+    );
+    a.insert("x-dead-letter-exchange".into(), s(""));
+    a.insert("x-dead-letter-routing-key".into(), s(REQUESTS_QUEUE));
+    a.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+    a.insert("x-overflow".into(), s("reject-publish"));
+    let name: ShortString = retry_queue_name(delay).into();
+    ch.queue_declare(name, DURABLE, a).await?;
+    Ok(())
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), lapin::Error> {
     ch.queue_bind(
-        DEAD_LETTER_QUEUE.into(),
-        DEAD_LETTER_EXCHANGE.into(),
-        "#".into(),
+        queue.into(),
+        exchange.into(),
+        key.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
-    .await?;
-
-    for delay in retry_delays {
-        let mut a = quorum_args();
-        a.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-        );
-        a.insert("x-dead-letter-exchange".into(), s(""));
-        a.insert("x-dead-letter-routing-key".into(), s(REQUESTS_QUEUE));
-        a.insert("x-dead-letter-strategy".into(), s("at-least-once"));
-        a.insert("x-overflow".into(), s("reject-publish"));
-        let name: ShortString = retry_queue_name(*delay).into();
-        ch.queue_declare(name, durable_queue, a).await?;
-    }
-    Ok(())
+    .await
 }
 
 /// Messages in `tenant-tokens.dead` (a passive declare: creates nothing).

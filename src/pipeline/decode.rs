@@ -70,70 +70,19 @@ pub fn decode(env: &Envelope<'_>, body: &[u8]) -> Result<ProvisionRequest, Decod
     if body.len() > MAX_BODY {
         return Err(DecodeError::TooLarge(body.len()));
     }
-    let media = env.content_type.map(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    let cloud_event = match media.as_deref() {
-        None | Some("") | Some("application/json") => false,
-        Some("application/cloudevents+json") => true,
-        Some(other) => return Err(DecodeError::ContentType(truncate(other, 64))),
-    };
+    let cloud_event = is_cloud_event(env.content_type)?;
     let json: Value =
         serde_json::from_slice(body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let Value::Object(mut obj) = json else {
+    let Value::Object(obj) = json else {
         return Err(DecodeError::NotObject);
     };
-    let mut ce_id = None;
-    let data = if cloud_event {
-        match obj.get("specversion").and_then(Value::as_str) {
-            Some("1.0") => {}
-            _ => {
-                return Err(DecodeError::CloudEvent(
-                    "specversion must be \"1.0\"".into(),
-                ));
-            }
-        }
-        if obj.get("type").and_then(Value::as_str) != Some(env.routing_key) {
-            return Err(DecodeError::CloudEvent(format!(
-                "type must equal the routing key {:?}",
-                env.routing_key
-            )));
-        }
-        ce_id = match obj.get("id") {
-            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-            _ => {
-                return Err(DecodeError::CloudEvent(
-                    "id must be a non-empty string".into(),
-                ));
-            }
-        };
-        match obj.remove("data") {
-            Some(Value::Object(d)) => Value::Object(d),
-            _ => return Err(DecodeError::CloudEvent("data must be a JSON object".into())),
-        }
+    let (data, ce_id) = if cloud_event {
+        let (data, id) = cloud_event_data(obj, env.routing_key)?;
+        (data, Some(id))
     } else {
-        Value::Object(obj)
+        (Value::Object(obj), None)
     };
     let fields: Fields = serde_json::from_value(data).map_err(|_| DecodeError::NotObject)?;
-
-    let tenant_id = match fields.tenant_id {
-        None | Some(Value::Null) => return Err(DecodeError::MissingTenant),
-        Some(Value::String(s)) => TenantId::parse(&s).map_err(DecodeError::Field)?,
-        Some(_) => return Err(DecodeError::Field("tenant_id must be a string".into())),
-    };
-    let tenant_name = match fields.tenant_name {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(TenantName::parse(&s).map_err(DecodeError::Field)?),
-        Some(_) => return Err(DecodeError::Field("tenant_name must be a string".into())),
-    };
-    let extension_id = match fields.extension_id {
-        Some(Value::String(s)) if trigger == Trigger::ExtensionRequested => Some(truncate(&s, 256)),
-        _ => None,
-    };
     let identity = env
         .message_id
         .and_then(MessageIdentity::given)
@@ -142,15 +91,77 @@ pub fn decode(env: &Envelope<'_>, body: &[u8]) -> Result<ProvisionRequest, Decod
     Ok(ProvisionRequest {
         identity,
         trigger,
-        tenant_id,
-        tenant_name,
-        extension_id,
+        tenant_id: tenant_id(fields.tenant_id)?,
+        tenant_name: tenant_name(fields.tenant_name)?,
+        extension_id: match fields.extension_id {
+            Some(Value::String(s)) if trigger == Trigger::ExtensionRequested => {
+                Some(truncate(&s, 256))
+            }
+            _ => None,
+        },
         correlation_id: env.correlation_id.map(|c| truncate(c, 256)),
         traceparent: env
             .traceparent
             .filter(|t| valid_traceparent(t))
             .map(str::to_owned),
     })
+}
+
+/// Whether the content type says structured CloudEvents; plain JSON (or none) is not.
+fn is_cloud_event(content_type: Option<&str>) -> Result<bool, DecodeError> {
+    let media = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    match media.as_deref() {
+        None | Some("") | Some("application/json") => Ok(false),
+        Some("application/cloudevents+json") => Ok(true),
+        Some(other) => Err(DecodeError::ContentType(truncate(other, 64))),
+    }
+}
+
+/// The `data` object and `id` of a structured CloudEvent, checked against the rules the
+/// contract names (`specversion` 1.0, `type` equal to the routing key, a non-empty `id`).
+fn cloud_event_data(
+    mut obj: serde_json::Map<String, Value>,
+    routing_key: &str,
+) -> Result<(Value, String), DecodeError> {
+    let invalid = |why: &str| DecodeError::CloudEvent(why.to_owned());
+    if obj.get("specversion").and_then(Value::as_str) != Some("1.0") {
+        return Err(invalid("specversion must be \"1.0\""));
+    }
+    if obj.get("type").and_then(Value::as_str) != Some(routing_key) {
+        return Err(DecodeError::CloudEvent(format!(
+            "type must equal the routing key {routing_key:?}"
+        )));
+    }
+    let id = match obj.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(invalid("id must be a non-empty string")),
+    };
+    match obj.remove("data") {
+        Some(Value::Object(d)) => Ok((Value::Object(d), id)),
+        _ => Err(invalid("data must be a JSON object")),
+    }
+}
+
+fn tenant_id(v: Option<Value>) -> Result<TenantId, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Err(DecodeError::MissingTenant),
+        Some(Value::String(s)) => TenantId::parse(&s).map_err(DecodeError::Field),
+        Some(_) => Err(DecodeError::Field("tenant_id must be a string".into())),
+    }
+}
+
+fn tenant_name(v: Option<Value>) -> Result<Option<TenantName>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => TenantName::parse(&s).map(Some).map_err(DecodeError::Field),
+        Some(_) => Err(DecodeError::Field("tenant_name must be a string".into())),
+    }
 }
 
 /// `version-traceid-parentid-flags` with the lengths of W3C Trace Context.
