@@ -604,3 +604,44 @@ async fn three_processes_and_triplicates_mint_one_token_per_tenant() {
     stub.shutdown().await;
     env.cleanup().await;
 }
+
+/// The value of an unlabelled gauge in Prometheus text.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_gauge_is_read_when_scraped() {
+    let env = TestEnv::new().await;
+    let stub = stub_issuer(Duration::ZERO).await;
+    let producer = Producer::new(&env).await;
+    let mut worker = env.spawn_worker(&stub.url(), &[]);
+    worker.wait_ready(WAIT).await;
+    let scrape = || async {
+        let body = reqwest::get(format!("http://{}/metrics", worker.ops))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics text");
+        gauge(&body, "tenant_tokens_dead_letters")
+    };
+
+    for body in [&b"not json"[..], b"[]"] {
+        producer
+            .publish("tenant.created", body, BasicProperties::default())
+            .await;
+    }
+
+    // The contract allows the value to be 5 s old; it used to be polled every 15 s.
+    eventually(
+        "the gauge shows both waiting dead letters",
+        Duration::from_secs(5),
+        || async { scrape().await == Some(2.0) },
+    )
+    .await;
+    worker.stop().await;
+    env.cleanup().await;
+}
