@@ -6,9 +6,9 @@
 //! AMQP has no "peek". The dead-letter queue is a quorum queue, and on RabbitMQ 3.10 both
 //! `basic.get` + requeue and a multiple-nack put messages back in a different order. So every
 //! command *browses*: it consumes with manual acknowledgement and never acknowledges the
-//! deliveries it does not act on. Closing the channel hands those back, and RabbitMQ returns
-//! them in their original order. Acting on a dead letter (after a confirmed replay, or for
-//! `purge`) is a single `basic.ack` of that delivery. A command refuses to run while anything
+//! deliveries it does not act on. Closing a channel hands those back, and RabbitMQ returns
+//! them in their original order, ahead of what was not browsed. Acting on a dead letter (after
+//! a confirmed replay, or for `purge`) is a single `basic.ack` of that delivery. A command refuses to run while anything
 //! else consumes the queue (checked before and after it starts consuming; quorum queues on 3.10
 //! do not enforce exclusive consumers): another reader holds part of the queue, so the view
 //! would be partial.
@@ -18,11 +18,15 @@
 //! A browse is a stream: each command handles a dead letter as it arrives and keeps only what it
 //! needs (a table row, a summary group), so a queue of 100,000 large messages does not have to
 //! fit in memory. Unacknowledged deliveries count against a consumer's prefetch, so the browse
-//! reads in *pages*: a consumer with a prefetch of [`BROWSE_PAGE`] receives one page, is
-//! cancelled (its deliveries stay unacknowledged on the channel, so the queue does not offer
-//! them again), and a new consumer receives the next page, in queue order. A browse stops at the
-//! queue's message count read when it started (a passive `queue.declare`), so messages that
-//! arrive meanwhile are left for the next command, or when nothing arrives for a second.
+//! reads in *pages*: a consumer with a prefetch of [`BROWSE_PAGE`] on a channel of its own
+//! receives one page and keeps it (unacknowledged, so the queue does not offer it again), and a
+//! new consumer on a new channel receives the next page, in queue order. At the end the page
+//! channels are closed one at a time, in order, each once the previous page is back in the
+//! queue: a quorum queue returns the deliveries of one consumer in order, but those of several
+//! consumers that go at once in no set order, and returns of many single `basic.nack`s get
+//! batched and reordered. A browse stops at the queue's message count read when it started (a
+//! passive `queue.declare`), so messages that arrive meanwhile are left for the next command,
+//! or when nothing arrives for a second.
 //!
 //! Each browse bumps the broker's `x-delivery-count` header, so ids never depend on it (nor on
 //! delivery tags): see [`dead_letter_id`].
@@ -37,10 +41,7 @@ use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, Consumer,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use serde_json::{Value, json};
@@ -388,7 +389,7 @@ struct DeadLetter {
     failed_at: Option<String>,
     failed_at_time: Option<OffsetDateTime>,
     /// The browse page it arrived in (see [`Browse::remove`]).
-    page: u32,
+    page: usize,
     delivery: Delivery,
 }
 
@@ -534,15 +535,16 @@ fn timestamp_rfc3339(seconds: u64) -> Option<String> {
     t.format(&Rfc3339).ok()
 }
 
-/// The dead-letter queue, read as a stream of unacknowledged deliveries on one channel (see the
-/// module docs) and handed back when [`Browse::finish`] closes the channel.
+/// The dead-letter queue, read as a stream of unacknowledged deliveries, one channel per page
+/// (see the module docs), and handed back when [`Browse::finish`] closes those channels.
 struct Browse {
     conn: Connection,
+    /// For queue declarations; it never holds a delivery.
     channel: Channel,
     /// The consumer of the current page.
     consumer: Option<Consumer>,
-    /// Number of the current page, counted from 1 (0 before the first).
-    page: u32,
+    /// One channel per page, in order, with the number of its deliveries still held.
+    pages: Vec<(Channel, u32)>,
     /// Deliveries the current page's consumer will still receive without further acks.
     page_left: u32,
     /// Message count of the queue when we started: the browse never reads more.
@@ -575,7 +577,7 @@ impl Browse {
             conn,
             channel,
             consumer: None,
-            page: 0,
+            pages: Vec::new(),
             page_left: 0,
             count_at_start: 0,
             seen: 0,
@@ -624,23 +626,24 @@ impl Browse {
             .await
     }
 
-    /// Replaces the consumer of the current page (whose deliveries stay ours, unacknowledged)
-    /// by one whose prefetch is the next page: only its own deliveries count against it.
+    /// Starts the next page: a consumer on a new channel, whose prefetch is the page size. The
+    /// previous page's consumer has received all it will; it keeps its deliveries, and the
+    /// queue offers the next ready messages to the new one.
     async fn next_page(&mut self) -> anyhow::Result<()> {
-        if let Some(done) = self.consumer.take() {
-            self.channel
-                .basic_cancel(done.tag(), BasicCancelOptions::default())
-                .await
-                .context("ending a page of the browse")?;
-        }
         let left = self.count_at_start.saturating_sub(self.seen);
         let page = u16::try_from(left).unwrap_or(BROWSE_PAGE).min(BROWSE_PAGE);
-        self.channel
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .context("opening a channel for a page of the browse")?;
+        // Registered first, so that `finish` closes it whatever happens next.
+        self.pages.push((channel.clone(), 0));
+        channel
             .basic_qos(page, BasicQosOptions::default())
             .await
             .context("setting the prefetch")?;
-        let consumer = self
-            .channel
+        let consumer = channel
             .basic_consume(
                 DEAD_LETTER_QUEUE.into(),
                 "".into(),
@@ -653,7 +656,6 @@ impl Browse {
             .await
             .with_context(|| format!("consuming from {DEAD_LETTER_QUEUE}"))?;
         self.consumer = Some(consumer);
-        self.page += 1;
         self.page_left = u32::from(page);
         Ok(())
     }
@@ -679,7 +681,11 @@ impl Browse {
         };
         self.seen += 1;
         self.page_left -= 1;
-        Ok(Some(letter_of(delivery, self.page)))
+        let page = self.pages.len() - 1;
+        if let Some((_, held)) = self.pages.last_mut() {
+            *held += 1;
+        }
+        Ok(Some(letter_of(delivery, page)))
     }
 
     /// The next dead letter that `filters` select, until `--limit` of them have been handed out.
@@ -708,31 +714,46 @@ impl Browse {
         );
         if acked {
             self.removed += 1;
+            if let Some((_, held)) = self.pages.get_mut(letter.page) {
+                *held = held.saturating_sub(1);
+            }
             // The ack frees a place in the page's prefetch: one more delivery will come.
-            if letter.page == self.page {
+            if letter.page + 1 == self.pages.len() {
                 self.page_left += 1;
             }
         }
         acked
     }
 
-    /// Closes the browse channel, which hands every unacknowledged dead letter back in its
-    /// original order, waits (briefly) until RabbitMQ counts them as ready again, and closes
-    /// the connection.
-    async fn finish(self) -> anyhow::Result<()> {
-        let browsed = if self.ran_dry {
-            self.seen
-        } else {
-            self.count_at_start
+    /// Hands every dead letter the browse holds back in its original order: closes the page
+    /// channels one at a time, each once the queue counts the previous page as ready again
+    /// (waiting at most [`SETTLE_TIMEOUT`] for each), then closes the connection.
+    async fn finish(mut self) -> anyhow::Result<()> {
+        drop(self.consumer.take());
+        let mut first_error = None;
+        let mut ready = match self.declare_passive().await {
+            Ok(q) => Some(u64::from(q.message_count())),
+            Err(e) => {
+                first_error = Some(anyhow::Error::new(e).context("counting the queue"));
+                None
+            }
         };
-        let expected = u64::from(browsed.saturating_sub(self.removed));
-        drop(self.consumer);
-        let closed = self.channel.close(200, "OK".into()).await;
-        if closed.is_ok() && expected > 0 {
-            settle(&self.conn, expected).await;
+        for (channel, held) in std::mem::take(&mut self.pages) {
+            if let Err(e) = channel.close(200, "OK".into()).await {
+                first_error.get_or_insert(
+                    anyhow::Error::new(e).context("closing a channel that held dead letters"),
+                );
+                ready = None;
+            }
+            if let Some(before) = ready {
+                let expected = before + u64::from(held);
+                settle(&self.channel, expected).await;
+                ready = Some(expected);
+            }
         }
+        let _ = self.channel.close(200, "OK".into()).await;
         let _ = self.conn.close(200, "OK".into()).await;
-        closed.context("closing the channel that held the dead letters")
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -750,10 +771,7 @@ fn refuse_other_readers(consumers: u32, ours: u32) -> anyhow::Result<()> {
 }
 
 /// Polls the queue's ready count until it reaches `expected` or [`SETTLE_TIMEOUT`] passes.
-async fn settle(conn: &Connection, expected: u64) {
-    let Ok(channel) = conn.create_channel().await else {
-        return;
-    };
+async fn settle(channel: &Channel, expected: u64) {
     let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
     loop {
         let passive = QueueDeclareOptions {
@@ -770,12 +788,11 @@ async fn settle(conn: &Connection, expected: u64) {
         if tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let _ = channel.close(200, "OK".into()).await;
 }
 
-fn letter_of(delivery: Delivery, page: u32) -> DeadLetter {
+fn letter_of(delivery: Delivery, page: usize) -> DeadLetter {
     let d = describe(
         delivery.routing_key.as_str(),
         &delivery.properties,
