@@ -307,28 +307,33 @@ fn secret_value(
     }
 }
 
-/// Parses `250ms`, `10s`, `5m`, `2h`, `1d` (or plain seconds).
+/// Parses `250ms`, `10s`, `5m`, `2h`, `1d`, `1w` (or plain seconds), and sums of them such as
+/// `1h30m` (every part of a sum needs a unit).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 5m, 2h or 1d"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "{s:?} is not a duration like 500ms, 10s, 5m, 2h or 1d"
-            ));
-        }
-    };
+    let unlike = || format!("{s:?} is not a duration like 500ms, 10s, 5m, 2h, 1d or 1h30m");
+    let is_number = |c: char| c.is_ascii_digit() || c == '.';
+    let mut secs = 0.0;
+    let mut rest = s;
+    let mut parts = 0;
+    while parts == 0 || !rest.is_empty() {
+        let (num, tail) = rest.split_at(rest.find(|c| !is_number(c)).unwrap_or(rest.len()));
+        let (unit, tail) = tail.split_at(tail.find(is_number).unwrap_or(tail.len()));
+        let n: f64 = num.parse().map_err(|_| unlike())?;
+        let factor = match unit.trim() {
+            "ms" => 0.001,
+            "" if parts == 0 && tail.is_empty() => 1.0,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            "w" => 7.0 * 86400.0,
+            _ => return Err(unlike()),
+        };
+        secs += n * factor;
+        rest = tail;
+        parts += 1;
+    }
     if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
         return Err(format!("{s:?} is out of range"));
     }
@@ -363,8 +368,25 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("400d").is_err());
+        assert_eq!(parse_duration("10 s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1w"), Ok(Duration::from_secs(604_800)));
         assert_eq!(parse_delays("1s, 5s").map(|d| d.0.len()), Ok(2));
         assert!(parse_delays("0s").is_err());
+    }
+
+    #[test]
+    fn durations_may_be_sums() {
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d 2h"), Ok(Duration::from_secs(93_600)));
+        assert_eq!(parse_duration("1m500ms"), Ok(Duration::from_millis(60_500)));
+        // A bare number is seconds only on its own: `1h30` is ambiguous.
+        assert!(parse_duration("1h30").is_err());
+        assert!(parse_duration("30 1h").is_err());
+        assert!(parse_duration("1h-30m").is_err());
     }
 
     #[test]

@@ -14,12 +14,13 @@ use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
     options::{
-        BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-        BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+        BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+        QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
+use tenant_tokens::broker::publisher::Publisher;
 use tenant_tokens::broker::topology::{
     self, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, REQUESTS_QUEUE, headers,
 };
@@ -43,6 +44,7 @@ struct Vhost {
     url: String,
     conn: Connection,
     channel: Channel,
+    publisher: Publisher,
 }
 
 impl Vhost {
@@ -58,10 +60,7 @@ impl Vhost {
             .await
             .expect("connect to the test vhost");
         let channel = conn.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirm mode");
+        let publisher = Publisher::new(channel.clone()).await.expect("confirm mode");
         topology::declare(&channel, &[])
             .await
             .expect("declare topology");
@@ -70,6 +69,7 @@ impl Vhost {
             url,
             conn,
             channel,
+            publisher,
         }
     }
 
@@ -138,30 +138,7 @@ impl Vhost {
 
     /// Publishes a dead letter as the worker would, straight into the dead-letter exchange.
     async fn dead_letter(&self, letter: &Letter<'_>) -> BasicProperties {
-        let mut h = FieldTable::default();
-        let s = |v: &str| AMQPValue::LongString(v.into());
-        h.insert(headers::ERROR.into(), s(letter.error));
-        h.insert(headers::ERROR_KIND.into(), s(letter.kind));
-        h.insert(
-            headers::ATTEMPTS.into(),
-            AMQPValue::LongInt(letter.attempts),
-        );
-        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), s(letter.routing_key));
-        h.insert(headers::FAILED_AT.into(), s(letter.failed_at));
-        if letter.kind == "rejected" {
-            h.insert(headers::ISSUER_STATUS.into(), AMQPValue::LongInt(400));
-        }
-        h.insert(
-            "traceparent".into(),
-            s("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-        );
-        h.insert("authorization".into(), s("Bearer do-not-print-me"));
-        let props = BasicProperties::default()
-            .with_message_id(letter.message_id.into())
-            .with_correlation_id(format!("corr-{}", letter.message_id).into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_headers(h);
+        let props = dead_letter_props(letter);
         self.publish(
             DEAD_LETTER_EXCHANGE,
             letter.routing_key,
@@ -173,23 +150,10 @@ impl Vhost {
     }
 
     async fn publish(&self, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+        self.publisher
+            .publish(exchange, key, body, props, false)
             .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(
-            confirm.is_ack(),
-            "publish to {exchange} {key} not confirmed"
-        );
+            .unwrap_or_else(|e| panic!("publish to {exchange} {key} not confirmed: {e}"));
     }
 
     /// A queue bound to `tenant.events` for `key`, to catch replayed copies.
@@ -297,6 +261,34 @@ async fn delete_vhost(name: &str) {
             .args(["delete_vhost", name])
             .status();
     }
+}
+
+/// The properties the worker gives a dead letter (plus a secret-looking header `show` must hide).
+fn dead_letter_props(letter: &Letter<'_>) -> BasicProperties {
+    let mut h = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    h.insert(headers::ERROR.into(), s(letter.error));
+    h.insert(headers::ERROR_KIND.into(), s(letter.kind));
+    h.insert(
+        headers::ATTEMPTS.into(),
+        AMQPValue::LongInt(letter.attempts),
+    );
+    h.insert(headers::ORIGINAL_ROUTING_KEY.into(), s(letter.routing_key));
+    h.insert(headers::FAILED_AT.into(), s(letter.failed_at));
+    if letter.kind == "rejected" {
+        h.insert(headers::ISSUER_STATUS.into(), AMQPValue::LongInt(400));
+    }
+    h.insert(
+        "traceparent".into(),
+        s("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    );
+    h.insert("authorization".into(), s("Bearer do-not-print-me"));
+    BasicProperties::default()
+        .with_message_id(letter.message_id.into())
+        .with_correlation_id(format!("corr-{}", letter.message_id).into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(h)
 }
 
 struct Letter<'a> {
@@ -687,4 +679,147 @@ async fn a_command_refuses_to_read_a_queue_someone_else_is_reading() {
     ch.close(200, "OK".into()).await.expect("close");
     v.wait_ready(DEAD_LETTER_QUEUE, 5).await;
     assert_eq!(v.ids(&[]).await, ids);
+}
+
+/// Runs the `tenant-tokens` binary with `args` against `amqp_url` and returns its exit status,
+/// its standard output and its peak resident memory in KiB (from `wait4`, so only this child
+/// counts, not the other processes the tests start).
+// The child is reaped by `wait4`, which also reports its memory, not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
+fn run_binary_measured(amqp_url: &str, args: &[&str]) -> (i32, String, u64) {
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-tokens"))
+        .args(args)
+        .env("AMQP_URL", amqp_url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tenant-tokens");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut out)
+        .expect("read the output");
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    let mut status: libc::c_int = 0;
+    // SAFETY: `rusage` is plain old data, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for (`child` is never waited on, so it
+    // is reaped exactly once, here); both pointers point to live, writable locals.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status),
+        "tenant-tokens did not exit normally"
+    );
+    let peak_kib = u64::try_from(usage.ru_maxrss).unwrap_or(0);
+    (libc::WEXITSTATUS(status), out, peak_kib)
+}
+
+/// Dead letter number `i` of the large-queue test, with a body of `size` bytes.
+fn big_letter(i: usize, size: usize) -> (BasicProperties, Vec<u8>) {
+    let message_id = format!("big-{i:05}");
+    let failed_at = format!("2024-05-01T10:{:02}:{:02}Z", i / 60, i % 60);
+    let (kind, error) = if i.is_multiple_of(4) {
+        ("rejected", "issuer answered 400")
+    } else {
+        ("exhausted", "issuer unavailable: 503")
+    };
+    let letter = Letter {
+        message_id: &message_id,
+        kind,
+        error,
+        attempts: 1,
+        routing_key: "tenant.created",
+        failed_at: &failed_at,
+        body: "",
+    };
+    let mut body = format!(r#"{{"tenant_id":"big-{i}","padding":""#).into_bytes();
+    body.resize(size - 2, b'x');
+    body.extend_from_slice(br#""}"#);
+    (dead_letter_props(&letter), body)
+}
+
+#[tokio::test]
+async fn browsing_a_large_queue_keeps_memory_bounded_and_order() {
+    const LETTERS: usize = 2_000;
+    const BODY_BYTES: usize = 64 * 1024;
+    let v = Vhost::new("large").await;
+
+    // 2,000 dead letters of 64 KiB (125 MiB in all): one in four `rejected`, the rest
+    // `exhausted`, one second apart. Each is made just before it is published, with up to 64
+    // confirms outstanding: this process stays small, which matters because the child's peak
+    // below also counts the memory of this process when it forks.
+    futures::stream::iter(0..LETTERS)
+        .map(|i| {
+            let (props, body) = big_letter(i, BODY_BYTES);
+            let publisher = v.publisher.clone();
+            async move {
+                publisher
+                    .publish(DEAD_LETTER_EXCHANGE, "tenant.created", &body, props, false)
+                    .await
+            }
+        })
+        .buffered(64)
+        .for_each(|published| async move {
+            published.unwrap_or_else(|e| panic!("publish not confirmed: {e}"));
+        })
+        .await;
+    v.wait_ready(DEAD_LETTER_QUEUE, LETTERS as u32).await;
+
+    // The summary, in a process of its own so that its memory can be measured: it holds the
+    // group counters and a page of deliveries, never the whole queue.
+    let (code, out, peak_kib) = tokio::task::spawn_blocking({
+        let url = v.url.clone();
+        move || run_binary_measured(&url, &["dlq", "list", "--summary", "--json"])
+    })
+    .await
+    .expect("the measuring thread");
+    assert_eq!(code, 0, "{out}");
+    let groups: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(groups.len(), 2, "{out}");
+    assert_eq!(groups[0]["kind"], "exhausted");
+    assert_eq!(groups[0]["count"], 1_500);
+    assert_eq!(groups[0]["oldest"], "2024-05-01T10:00:01Z");
+    assert_eq!(groups[0]["newest"], "2024-05-01T10:33:19Z");
+    assert_eq!(groups[1]["kind"], "rejected");
+    assert_eq!(groups[1]["count"], 500);
+    assert_eq!(groups[1]["oldest"], "2024-05-01T10:00:00Z");
+    assert_eq!(groups[1]["newest"], "2024-05-01T10:33:16Z");
+    let queue_kib = (LETTERS * BODY_BYTES / 1024) as u64;
+    eprintln!("peak resident memory of `dlq list --summary`: {peak_kib} KiB");
+    assert!(
+        peak_kib < queue_kib / 2,
+        "peak resident memory {peak_kib} KiB while browsing a queue of {queue_kib} KiB"
+    );
+
+    // Every page comes in queue order, and browsing hands the queue back unchanged.
+    v.wait_ready(DEAD_LETTER_QUEUE, LETTERS as u32).await;
+    let listed = v.list(&[]).await;
+    let message_ids: Vec<&str> = listed
+        .iter()
+        .map(|l| l["message_id"].as_str().expect("message_id"))
+        .collect();
+    let published: Vec<String> = (0..LETTERS).map(|i| format!("big-{i:05}")).collect();
+    assert_eq!(message_ids, published, "queue order across pages");
+    v.wait_ready(DEAD_LETTER_QUEUE, LETTERS as u32).await;
+    assert_eq!(
+        v.ids(&["--kind", "rejected", "--limit", "300"]).await.len(),
+        300
+    );
+
+    // Acting as it goes frees prefetch places mid-page; nothing is skipped or read twice.
+    v.wait_ready(DEAD_LETTER_QUEUE, LETTERS as u32).await;
+    let (code, out) = v.dlq(&["purge", "--kind", "exhausted", "--yes"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("purged 1500, failed 0"), "{out}");
+    v.wait_ready(DEAD_LETTER_QUEUE, 500).await;
+    let (code, out) = v.dlq(&["purge", "--all", "--yes"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("purged 500, failed 0"), "{out}");
+    v.wait_ready(DEAD_LETTER_QUEUE, 0).await;
 }

@@ -8,29 +8,12 @@ use crate::pipeline::decode::Envelope;
 
 /// A header's value as text, for string-typed headers.
 pub fn header_str<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a str> {
-    let table = props.headers().as_ref()?;
-    match table.inner().get(&ShortString::from(name))? {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-        AMQPValue::ShortString(s) => Some(s.as_str()),
-        _ => None,
-    }
+    table_str(props.headers().as_ref()?, name)
 }
 
 /// A header's value as a number, whatever integer type the publisher chose.
 pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
-    let table = props.headers().as_ref()?;
-    let v = match table.inner().get(&ShortString::from(name))? {
-        AMQPValue::ShortShortInt(n) => i64::from(*n),
-        AMQPValue::ShortShortUInt(n) => i64::from(*n),
-        AMQPValue::ShortInt(n) => i64::from(*n),
-        AMQPValue::ShortUInt(n) => i64::from(*n),
-        AMQPValue::LongInt(n) => i64::from(*n),
-        AMQPValue::LongUInt(n) => i64::from(*n),
-        AMQPValue::LongLongInt(n) => *n,
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok()?,
-        _ => return None,
-    };
-    u32::try_from(v).ok()
+    u32::try_from(table_int(props.headers().as_ref()?, name)?).ok()
 }
 
 /// The routing key a request was first published with: the delivery's own, unless the
@@ -77,6 +60,42 @@ pub fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A field of `table` as text, for string-typed fields: the one reader of text headers, also
+/// for tables nested in headers (RabbitMQ's `x-death` entries) that [`header_str`] cannot reach.
+pub fn table_str<'a>(table: &'a FieldTable, name: &str) -> Option<&'a str> {
+    value_str(table.inner().get(&ShortString::from(name))?)
+}
+
+/// A field of `table` as a number, whatever integer type the publisher chose (a timestamp, or
+/// a decimal string, counts too): the one reader of numeric headers, nested tables included.
+pub fn table_int(table: &FieldTable, name: &str) -> Option<i64> {
+    value_int(table.inner().get(&ShortString::from(name))?)
+}
+
+/// A header value as text when it is a (UTF-8) string.
+pub fn value_str(value: &AMQPValue) -> Option<&str> {
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// A header value as a number when it is an integer, a timestamp or a decimal string.
+pub fn value_int(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        other => value_str(other)?.trim().parse().ok(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +123,22 @@ mod tests {
     fn cuts_on_char_boundaries() {
         assert_eq!(cut("héllo", 2), "h");
         assert_eq!(cut("abc", 10), "abc");
+    }
+
+    #[test]
+    fn reads_nested_tables_and_other_types() {
+        let mut t = FieldTable::default();
+        t.insert("n".into(), AMQPValue::Timestamp(7));
+        t.insert("s".into(), AMQPValue::ShortString("x".into()));
+        t.insert("d".into(), text(" 42 "));
+        t.insert("neg".into(), AMQPValue::LongInt(-1));
+        assert_eq!(table_int(&t, "n"), Some(7));
+        assert_eq!(table_int(&t, "d"), Some(42));
+        assert_eq!(table_int(&t, "s"), None);
+        assert_eq!(table_str(&t, "s"), Some("x"));
+        assert_eq!(table_str(&t, "n"), None);
+        let p = BasicProperties::default().with_headers(t);
+        assert_eq!(header_u32(&p, "neg"), None, "negative is not a u32");
+        assert_eq!(header_str(&p, "s"), Some("x"));
     }
 }

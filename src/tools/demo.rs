@@ -10,21 +10,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use rand::Rng as _;
 use rand::seq::SliceRandom as _;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
 use crate::configuration::{BrokerArgs, DatabaseArgs, RunArgs};
 use crate::crypto::EncryptionKey;
 use crate::ops::health::Health;
 use crate::pipeline::worker::Worker;
-use crate::tools::stub_issuer::{StubConfig, StubIssuer};
+use crate::tools::stub_issuer::{StubConfig, StubIssuer, StubStats};
+
+/// Publishes awaiting their confirms at once.
+const PUBLISH_WINDOW: usize = 256;
 
 /// `demo` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -89,6 +93,56 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     )?;
 
     // 2. The worker, in this process (it migrates and declares the topology).
+    let worker = start_worker(&args, &stub, &master).await?;
+    writeln!(out, "  worker   consuming {}\n", topology::REQUESTS_QUEUE)?;
+
+    // 3. A collector for ready events, bound before anything is published.
+    let conn = broker::connect(&args.broker.amqp_url, "tenant-tokens demo").await?;
+    let events = collect_ready_events(&conn, format!("demo-{run_id}-")).await?;
+
+    // 4. The requests: tenant.created for each tenant, duplicates, extension requests.
+    let reqs = requests(&args, &run_id);
+    let total = reqs.len();
+    let tenant_set: HashSet<&str> = reqs.iter().map(|r| r.tenant.as_str()).collect();
+    writeln!(
+        out,
+        "publishing {total} requests for {} tenants ({} tenant.created, {} duplicates, {} extension.requested)",
+        tenant_set.len(),
+        args.tenants,
+        args.duplicates.min(args.tenants),
+        args.extension_requests
+    )?;
+    let started = Instant::now();
+    publish(&conn, &reqs).await?;
+
+    // 5. Progress until every request has its ready event.
+    show_progress(&events, total, started, args.timeout, &mut out).await?;
+    let elapsed = started.elapsed();
+    writeln!(out)?;
+
+    worker.shutdown.cancel();
+    let _ = worker.task.await;
+    let stats = stub.stats();
+    stub.shutdown().await;
+    let _ = conn.close(200, "demo done".into()).await;
+
+    // 6. Summary and checks.
+    let events = events.lock().map(|e| e.clone()).unwrap_or_default();
+    summarize(&events, total, tenant_set.len(), &stats, elapsed, &mut out)
+}
+
+/// The worker running inside the demo, and how to stop it.
+struct DemoWorker {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Builds the worker from the demo's flags, pointed at the stub, and waits until it is ready.
+async fn start_worker(
+    args: &DemoArgs,
+    stub: &StubIssuer,
+    master: &str,
+) -> anyhow::Result<DemoWorker> {
     let key =
         std::env::var("TOKEN_ENCRYPTION_KEY").unwrap_or_else(|_| EncryptionKey::generate_base64());
     let run_args = RunArgs::try_from_flags([
@@ -107,7 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let worker = Worker::build(settings, health.clone(), shutdown.clone())
         .await?
         .ok_or_else(|| anyhow::anyhow!("stopped before start"))?;
-    let worker_task = tokio::spawn(worker.run());
+    let task = tokio::spawn(worker.run());
     let ready_by = Instant::now() + Duration::from_secs(20);
     while !health.not_ready_reasons().is_empty() {
         if Instant::now() > ready_by {
@@ -115,10 +169,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    writeln!(out, "  worker   consuming {}\n", topology::REQUESTS_QUEUE)?;
+    Ok(DemoWorker { shutdown, task })
+}
 
-    // 3. A collector for ready events, bound before anything is published.
-    let conn = broker::connect(&args.broker.amqp_url, "tenant-tokens demo").await?;
+/// Ready events of this run's tenants (those whose id starts with `prefix`), gathered by a
+/// background task from a listener queue bound before anything is published.
+async fn collect_ready_events(
+    conn: &lapin::Connection,
+    prefix: String,
+) -> anyhow::Result<Arc<Mutex<Vec<serde_json::Value>>>> {
     let ch = conn.create_channel().await?;
     let queue = topology::declare_ready_listener(&ch).await?;
     let mut consumer = ch
@@ -134,7 +193,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         .await?;
     let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
     let sink = events.clone();
-    let prefix = format!("demo-{run_id}-");
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             let ours = serde_json::from_slice::<serde_json::Value>(&d.data)
@@ -149,8 +207,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             }
         }
     });
+    Ok(events)
+}
 
-    // 4. The requests: tenant.created for each tenant, duplicates, extension requests.
+/// The demo's requests, shuffled: one `tenant.created` per tenant, redelivered copies of some
+/// (same message id), and `extension.requested` for random tenants of this run.
+fn requests(args: &DemoArgs, run_id: &str) -> Vec<Request> {
     let mut rng = rand::rng();
     let tenants: Vec<String> = (0..args.tenants)
         .map(|i| format!("demo-{run_id}-{i:05}"))
@@ -191,45 +253,47 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         });
     }
     reqs.shuffle(&mut rng);
-    let total = reqs.len();
-    let tenant_set: HashSet<&str> = reqs.iter().map(|r| r.tenant.as_str()).collect();
-    writeln!(
-        out,
-        "publishing {total} requests for {} tenants ({} tenant.created, {} duplicates, {} extension.requested)",
-        tenant_set.len(),
-        args.tenants,
-        args.duplicates.min(args.tenants),
-        args.extension_requests
-    )?;
+    reqs
+}
 
-    let started = Instant::now();
-    let pch = conn.create_channel().await?;
-    pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut confirms = Vec::with_capacity(total);
-    for r in &reqs {
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(r.message_id.as_str().into());
-        confirms.push(
-            pch.basic_publish(
-                topology::EVENTS_EXCHANGE.into(),
-                r.key.into(),
-                BasicPublishOptions::default(),
-                r.body.as_bytes(),
-                props,
-            )
-            .await?,
-        );
-    }
-    for c in confirms {
-        if !c.await?.is_ack() {
-            anyhow::bail!("the broker refused a demo request");
-        }
-    }
+/// Publishes every request through the confirmed [`Publisher`], many confirms outstanding at
+/// once; fails if the broker refuses any.
+async fn publish(conn: &lapin::Connection, reqs: &[Request]) -> anyhow::Result<()> {
+    let publisher = Publisher::new(conn.create_channel().await?).await?;
+    futures::stream::iter(reqs)
+        .map(|r| {
+            let props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_message_id(r.message_id.as_str().into());
+            let publisher = publisher.clone();
+            async move {
+                publisher
+                    .publish(
+                        topology::EVENTS_EXCHANGE,
+                        r.key,
+                        r.body.as_bytes(),
+                        props,
+                        false,
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(PUBLISH_WINDOW)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+        .map_err(|e| anyhow::anyhow!("the broker refused a demo request: {e}"))
+}
 
-    // 5. Progress until every request has its ready event.
-    let deadline = started + args.timeout;
+/// Rewrites one progress line until `total` ready events arrived or `timeout` passed.
+async fn show_progress(
+    events: &Mutex<Vec<serde_json::Value>>,
+    total: usize,
+    started: Instant,
+    timeout: Duration,
+    out: &mut std::io::Stdout,
+) -> anyhow::Result<()> {
+    let deadline = started + timeout;
     loop {
         let seen = events.lock().map(|e| e.len()).unwrap_or(0);
         write!(
@@ -239,25 +303,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         )?;
         out.flush()?;
         if seen >= total || Instant::now() > deadline {
-            break;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let elapsed = started.elapsed();
-    writeln!(out)?;
+}
 
-    shutdown.cancel();
-    let _ = worker_task.await;
-    let stats = stub.stats();
-    stub.shutdown().await;
-    let _ = conn.close(200, "demo done".into()).await;
-
-    // 6. Summary and checks.
-    let events = events.lock().map(|e| e.clone()).unwrap_or_default();
+/// Checks the run against the contract's promises and prints the summary; `Ok(true)` when
+/// every check held.
+fn summarize(
+    events: &[serde_json::Value],
+    total: usize,
+    tenants: usize,
+    stats: &StubStats,
+    elapsed: Duration,
+    out: &mut std::io::Stdout,
+) -> anyhow::Result<bool> {
     // Redeliveries repeat their event (same event_id), so count distinct requests.
     let mut newly: HashMap<&str, HashSet<&str>> = HashMap::new();
     let mut fingerprints: HashMap<&str, HashSet<&str>> = HashMap::new();
-    for e in &events {
+    for e in events {
         let t = e["tenant_id"].as_str().unwrap_or_default();
         if e["newly_issued"] == true {
             newly
@@ -272,10 +337,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     }
     let provisioned = newly.len();
     let one_token_each = fingerprints.values().all(|f| f.len() == 1);
-    let one_newly_each =
-        newly.values().all(|ids| ids.len() == 1) && provisioned == tenant_set.len();
+    let one_newly_each = newly.values().all(|ids| ids.len() == 1) && provisioned == tenants;
     let all_events = events.len() >= total;
-    let calls_match = stats.issued as usize == tenant_set.len();
+    let calls_match = stats.issued as usize == tenants;
     let rate = events.len() as f64 / elapsed.as_secs_f64().max(1e-9);
     writeln!(out, "\nsummary")?;
     writeln!(out, "  requests published     {total}")?;
@@ -287,8 +351,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     )?;
     writeln!(
         out,
-        "  tenants provisioned    {provisioned} of {} {}",
-        tenant_set.len(),
+        "  tenants provisioned    {provisioned} of {tenants} {}",
         mark(one_newly_each)
     )?;
     writeln!(

@@ -5,14 +5,28 @@
 //!
 //! AMQP has no "peek". The dead-letter queue is a quorum queue, and on RabbitMQ 3.10 both
 //! `basic.get` + requeue and a multiple-nack put messages back in a different order. So every
-//! command *browses*: it consumes with manual acknowledgement and a prefetch as large as the
-//! queue's message count (read with a passive `queue.declare` first), takes deliveries until it
-//! has that many or none arrives for a second, and never acknowledges the ones it does not act
-//! on. Closing the channel hands those back, and RabbitMQ returns them in their original order.
-//! Acting on a dead letter (after a confirmed replay, or for `purge`) is a single `basic.ack` of
-//! that delivery. A command refuses to run while anything else consumes the queue (checked
-//! before and after it starts consuming; quorum queues on 3.10 do not enforce exclusive
-//! consumers): another reader holds part of the queue, so the view would be partial.
+//! command *browses*: it consumes with manual acknowledgement and never acknowledges the
+//! deliveries it does not act on. Closing a channel hands those back, and RabbitMQ returns
+//! them in their original order, ahead of what was not browsed. Acting on a dead letter (after
+//! a confirmed replay, or for `purge`) is a single `basic.ack` of that delivery. A command refuses to run while anything
+//! else consumes the queue (checked before and after it starts consuming; quorum queues on 3.10
+//! do not enforce exclusive consumers): another reader holds part of the queue, so the view
+//! would be partial.
+//!
+//! # Bounded memory
+//!
+//! A browse is a stream: each command handles a dead letter as it arrives and keeps only what it
+//! needs (a table row, a summary group), so a queue of 100,000 large messages does not have to
+//! fit in memory. Unacknowledged deliveries count against a consumer's prefetch, so the browse
+//! reads in *pages*: a consumer with a prefetch of [`BROWSE_PAGE`] on a channel of its own
+//! receives one page and keeps it (unacknowledged, so the queue does not offer it again), and a
+//! new consumer on a new channel receives the next page, in queue order. At the end the page
+//! channels are closed one at a time, in order, each once the previous page is back in the
+//! queue: a quorum queue returns the deliveries of one consumer in order, but those of several
+//! consumers that go at once in no set order, and returns of many single `basic.nack`s get
+//! batched and reordered. A browse stops at the queue's message count read when it started (a
+//! passive `queue.declare`), so messages that arrive meanwhile are left for the next command,
+//! or when nothing arrives for a second.
 //!
 //! Each browse bumps the broker's `x-delivery-count` header, so ids never depend on it (nor on
 //! delivery tags): see [`dead_letter_id`].
@@ -25,22 +39,29 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    BasicProperties, Channel, Connection, Consumer,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions, QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
+use crate::broker::message::{header_str, header_u32, table_int, table_str, value_str};
+use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::topology::{DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, headers};
+use crate::configuration::parse_duration;
+use crate::telemetry::redact_url;
 
 /// How long a browse waits for one more delivery before deciding the queue has no more.
 const BROWSE_IDLE: Duration = Duration::from_secs(1);
+/// Deliveries a browse takes per consumer (see the module docs): what bounds its memory, as at
+/// most this many dead letters are in flight to the command at once.
+const BROWSE_PAGE: u16 = 256;
+/// Rows of the `list` table aligned together; the table is printed in blocks of this many rows
+/// so that a long listing streams (columns only ever widen from one block to the next).
+const TABLE_BLOCK: usize = 1000;
 /// How long a replay waits for the broker's publisher confirm of one copy.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long we wait, after closing the browse channel, for RabbitMQ to make the untouched
@@ -187,8 +208,8 @@ pub async fn run(
     }
     let mut browse = Browse::open(amqp_url).await?;
     let result = match &cmd {
-        DlqCommand::List(args) => list(&browse, args, out),
-        DlqCommand::Show { id } => show(&browse, id, out),
+        DlqCommand::List(args) => list(&mut browse, args, out).await,
+        DlqCommand::Show { id } => show(&mut browse, id, out).await,
         DlqCommand::Replay(args) => replay(&mut browse, args, out).await,
         DlqCommand::Purge(args) => purge(&mut browse, args, out).await,
     };
@@ -209,7 +230,6 @@ pub async fn run(
 /// on every browse, so ids stay the same across commands. It needs only the properties and the
 /// body, so the worker can log the id of a dead letter at the moment it publishes it.
 pub fn dead_letter_id(props: &BasicProperties, body: &[u8]) -> String {
-    let table = props.headers().as_ref();
     let mut hasher = Sha256::new();
     let mut field = |value: Option<&[u8]>| match value {
         None => hasher.update([0u8]),
@@ -225,9 +245,9 @@ pub fn dead_letter_id(props: &BasicProperties, body: &[u8]) -> String {
         headers::ORIGINAL_ROUTING_KEY,
         headers::ERROR_KIND,
     ] {
-        field(header_str(table, name).as_deref().map(str::as_bytes));
+        field(header_str(props, name).map(str::as_bytes));
     }
-    let deaths = x_deaths(table);
+    let deaths = x_deaths(props);
     let mut fingerprint = String::new();
     for death in &deaths {
         // `write!` to a String cannot fail.
@@ -311,15 +331,6 @@ impl Filters {
         true
     }
 
-    /// The matching dead letters in queue order, at most `--limit` of them.
-    fn select<'a>(&self, letters: &'a [DeadLetter]) -> Vec<&'a DeadLetter> {
-        letters
-            .iter()
-            .filter(|l| self.matches(l))
-            .take(self.limit.unwrap_or(usize::MAX))
-            .collect()
-    }
-
     /// Exit status for a command that matched nothing: not found when an id was asked for.
     fn nothing_matched(&self) -> i32 {
         match &self.id {
@@ -332,45 +343,29 @@ impl Filters {
     }
 }
 
-/// Parses `--since`/`--before`: RFC 3339, or a duration (`2h`, `30m`, `45s`, `1d`, `1h30m`)
-/// meaning that long before now.
+/// Parses `--since`/`--before`: RFC 3339, or a duration (`2h`, `30m`, `45s`, `1d`, `1h30m`,
+/// as [`parse_duration`] reads them) meaning that long before now. A bare number is refused:
+/// it is more likely a mistyped time than a number of seconds.
 fn parse_when(text: &str) -> Result<OffsetDateTime, String> {
     if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(t);
     }
-    let ago = parse_duration(text).ok_or_else(|| {
-        format!("`{text}` is neither an RFC 3339 time nor a duration like 2h, 30m, 45s or 1d")
+    let neither =
+        || format!("`{text}` is neither an RFC 3339 time nor a duration like 2h, 30m, 45s or 1d");
+    if text.trim().chars().all(|c| c.is_ascii_digit()) {
+        return Err(neither());
+    }
+    let ago = parse_duration(text).map_err(|e| {
+        if e.contains("out of range") {
+            format!("`{text}` is too long ago (at most 365d)")
+        } else {
+            neither()
+        }
     })?;
     let ago = time::Duration::try_from(ago).map_err(|_| format!("`{text}` is too long ago"))?;
     OffsetDateTime::now_utc()
         .checked_sub(ago)
         .ok_or_else(|| format!("`{text}` is too long ago"))
-}
-
-/// `2h`, `30m`, `45s`, `1d`, `1w` and combinations such as `1h30m`.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    let mut any = false;
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit: u64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => return None,
-        };
-        let n: u64 = digits.parse().ok()?;
-        total = total.checked_add(n.checked_mul(unit)?)?;
-        digits.clear();
-        any = true;
-    }
-    (any && digits.is_empty()).then(|| Duration::from_secs(total))
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {
@@ -388,11 +383,13 @@ struct DeadLetter {
     tenant_id: Option<String>,
     kind: String,
     error: String,
-    attempts: i64,
+    attempts: u32,
     message_id: Option<String>,
     /// As carried by the message (RFC 3339), for display.
     failed_at: Option<String>,
     failed_at_time: Option<OffsetDateTime>,
+    /// The browse page it arrived in (see [`Browse::remove`]).
+    page: usize,
     delivery: Delivery,
 }
 
@@ -403,64 +400,68 @@ struct Description {
     tenant_id: Option<String>,
     kind: String,
     error: String,
-    attempts: i64,
+    attempts: u32,
     failed_at: Option<String>,
 }
 
 /// Reads a dead letter, whether the worker made it (`x-tt-*` headers) or RabbitMQ did
 /// (delivery limit of the requests queue: only `x-death`).
 fn describe(delivered_routing_key: &str, props: &BasicProperties, body: &[u8]) -> Description {
-    let table = props.headers().as_ref();
-    let deaths = x_deaths(table);
+    let deaths = x_deaths(props);
     // RabbitMQ lists the most recent death first; the delivery limit is what we report.
     let broker_death = deaths
         .iter()
         .find(|d| d.reason.as_deref() == Some(DELIVERY_LIMIT_REASON))
         .or_else(|| deaths.first());
-    let (kind, error) = match header_str(table, headers::ERROR_KIND) {
-        Some(kind) => (
-            kind,
-            header_str(table, headers::ERROR)
-                .unwrap_or_else(|| format!("(no {} header)", headers::ERROR)),
-        ),
-        None => match broker_death {
-            Some(death) => {
-                let reason = death.reason.as_deref().unwrap_or("unknown reason");
-                let error = if reason == DELIVERY_LIMIT_REASON {
-                    format!("delivery limit reached (dead-lettered by RabbitMQ: {reason})")
-                } else {
-                    format!("dead-lettered by RabbitMQ: {reason}")
-                };
-                ("exhausted".to_owned(), error)
-            }
-            None => (
-                "unknown".to_owned(),
-                "no dead-letter headers (not dead-lettered by tenant-tokens or RabbitMQ)"
-                    .to_owned(),
-            ),
-        },
-    };
-    let failed_at = header_str(table, headers::FAILED_AT).or_else(|| {
-        broker_death
-            .and_then(|d| d.time)
-            .and_then(timestamp_rfc3339)
-    });
+    let (kind, error) = kind_and_error(props, broker_death);
+    let failed_at = header_str(props, headers::FAILED_AT)
+        .map(str::to_owned)
+        .or_else(|| {
+            broker_death
+                .and_then(|d| d.time)
+                .and_then(timestamp_rfc3339)
+        });
     Description {
-        routing_key: original_routing_key(delivered_routing_key, table, &deaths),
+        routing_key: original_routing_key(delivered_routing_key, props, &deaths),
         tenant_id: tenant_of(body),
         kind,
         error,
-        attempts: header_int(table, headers::ATTEMPTS).unwrap_or(0),
+        attempts: header_u32(props, headers::ATTEMPTS).unwrap_or(0),
         failed_at,
+    }
+}
+
+/// The error kind and text: the worker's headers, else RabbitMQ's dead-lettering reason, else
+/// `unknown` for a message that reached the queue some other way.
+fn kind_and_error(props: &BasicProperties, broker_death: Option<&Death>) -> (String, String) {
+    if let Some(kind) = header_str(props, headers::ERROR_KIND) {
+        let error = header_str(props, headers::ERROR)
+            .map_or_else(|| format!("(no {} header)", headers::ERROR), str::to_owned);
+        return (kind.to_owned(), error);
+    }
+    match broker_death {
+        Some(death) => {
+            let reason = death.reason.as_deref().unwrap_or("unknown reason");
+            let error = if reason == DELIVERY_LIMIT_REASON {
+                format!("delivery limit reached (dead-lettered by RabbitMQ: {reason})")
+            } else {
+                format!("dead-lettered by RabbitMQ: {reason}")
+            };
+            ("exhausted".to_owned(), error)
+        }
+        None => (
+            "unknown".to_owned(),
+            "no dead-letter headers (not dead-lettered by tenant-tokens or RabbitMQ)".to_owned(),
+        ),
     }
 }
 
 /// The routing key to replay to: the worker's `x-tt-original-routing-key`; for a message
 /// RabbitMQ dead-lettered, the routing key recorded in its oldest `x-death` entry that is not
 /// one of our own queue names (retry queues route by queue name); else the delivery's.
-fn original_routing_key(delivered: &str, table: Option<&FieldTable>, deaths: &[Death]) -> String {
-    if let Some(key) = header_str(table, headers::ORIGINAL_ROUTING_KEY) {
-        return key;
+fn original_routing_key(delivered: &str, props: &BasicProperties, deaths: &[Death]) -> String {
+    if let Some(key) = header_str(props, headers::ORIGINAL_ROUTING_KEY) {
+        return key.to_owned();
     }
     let candidates: Vec<&str> = deaths
         .iter()
@@ -495,9 +496,14 @@ struct Death {
     routing_keys: Vec<String>,
 }
 
-fn x_deaths(table: Option<&FieldTable>) -> Vec<Death> {
-    let Some(AMQPValue::FieldArray(entries)) = table.and_then(|t| t.inner().get("x-death")) else {
-        return Vec::new();
+fn x_deaths(props: &BasicProperties) -> Vec<Death> {
+    let entries = match props
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get("x-death"))
+    {
+        Some(AMQPValue::FieldArray(entries)) => entries,
+        _ => return Vec::new(),
     };
     entries
         .as_slice()
@@ -507,48 +513,21 @@ fn x_deaths(table: Option<&FieldTable>) -> Vec<Death> {
             _ => None,
         })
         .map(|t| Death {
-            queue: header_str(Some(t), "queue"),
-            reason: header_str(Some(t), "reason"),
-            time: match t.inner().get("time") {
-                Some(AMQPValue::Timestamp(ts)) => Some(*ts),
-                _ => None,
-            },
-            count: header_int(Some(t), "count"),
+            queue: table_str(t, "queue").map(str::to_owned),
+            reason: table_str(t, "reason").map(str::to_owned),
+            time: table_int(t, "time").and_then(|n| u64::try_from(n).ok()),
+            count: table_int(t, "count"),
             routing_keys: match t.inner().get("routing-keys") {
-                Some(AMQPValue::FieldArray(keys)) => {
-                    keys.as_slice().iter().filter_map(value_str).collect()
-                }
+                Some(AMQPValue::FieldArray(keys)) => keys
+                    .as_slice()
+                    .iter()
+                    .filter_map(value_str)
+                    .map(str::to_owned)
+                    .collect(),
                 _ => Vec::new(),
             },
         })
         .collect()
-}
-
-fn value_str(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-fn header_str(table: Option<&FieldTable>, name: &str) -> Option<String> {
-    table.and_then(|t| t.inner().get(name)).and_then(value_str)
-}
-
-/// An integer header whatever integer type the publisher chose (or a decimal string).
-fn header_int(table: Option<&FieldTable>, name: &str) -> Option<i64> {
-    match table.and_then(|t| t.inner().get(name))? {
-        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongLongInt(n) => Some(*n),
-        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
-        other => value_str(other).and_then(|s| s.trim().parse().ok()),
-    }
 }
 
 fn timestamp_rfc3339(seconds: u64) -> Option<String> {
@@ -556,27 +535,37 @@ fn timestamp_rfc3339(seconds: u64) -> Option<String> {
     t.format(&Rfc3339).ok()
 }
 
-/// The whole dead-letter queue, held unacknowledged on one channel until [`Browse::finish`].
+/// The dead-letter queue, read as a stream of unacknowledged deliveries, one channel per page
+/// (see the module docs), and handed back when [`Browse::finish`] closes those channels.
 struct Browse {
     conn: Connection,
+    /// For queue declarations; it never holds a delivery.
     channel: Channel,
-    /// Kept alive so the deliveries stay ours until the channel closes.
+    /// The consumer of the current page.
     consumer: Option<Consumer>,
-    letters: Vec<DeadLetter>,
-    /// Message count of the queue when we started.
+    /// One channel per page, in order, with the number of its deliveries still held.
+    pages: Vec<(Channel, u32)>,
+    /// Deliveries the current page's consumer will still receive without further acks.
+    page_left: u32,
+    /// Message count of the queue when we started: the browse never reads more.
     count_at_start: u32,
+    /// Deliveries browsed so far.
+    seen: u32,
+    /// Whether fewer messages arrived than were counted (nothing came for [`BROWSE_IDLE`]).
+    ran_dry: bool,
+    /// Dead letters handed out by [`Browse::next_match`], for `--limit`.
+    matched: usize,
     /// Dead letters acknowledged (replayed or purged) by this command.
-    removed: usize,
+    removed: u32,
 }
 
 impl Browse {
+    /// Connects, counts the queue and starts the first page; the connection is closed again if
+    /// any of that fails.
     async fn open(amqp_url: &str) -> anyhow::Result<Self> {
-        let conn = Connection::connect(
-            amqp_url,
-            ConnectionProperties::default().with_connection_name("tenant-tokens dlq".into()),
-        )
-        .await
-        .with_context(|| format!("connecting to RabbitMQ at {}", redact_url(amqp_url)))?;
+        let conn = crate::broker::connect(amqp_url, "tenant-tokens dlq")
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", redact_url(amqp_url)))?;
         let channel = match conn.create_channel().await {
             Ok(channel) => channel,
             Err(e) => {
@@ -588,11 +577,15 @@ impl Browse {
             conn,
             channel,
             consumer: None,
-            letters: Vec::new(),
+            pages: Vec::new(),
+            page_left: 0,
             count_at_start: 0,
+            seen: 0,
+            ran_dry: false,
+            matched: 0,
             removed: 0,
         };
-        if let Err(e) = browse.read().await {
+        if let Err(e) = browse.start().await {
             // Closing the connection hands back whatever we had received.
             let _ = browse.conn.close(200, "OK".into()).await;
             return Err(e);
@@ -600,41 +593,57 @@ impl Browse {
         Ok(browse)
     }
 
-    /// Takes every message of the queue (see the module docs) without acknowledging any.
-    async fn read(&mut self) -> anyhow::Result<()> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let queue = self
-            .channel
-            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
-            .await
-            .with_context(|| {
-                format!(
-                    "looking up the dead-letter queue {DEAD_LETTER_QUEUE} \
-                     (has `tenant-tokens migrate` run against this vhost?)"
-                )
-            })?;
+    /// Reads the message count, refusing to start while another reader holds part of the
+    /// queue, and starts the first page.
+    async fn start(&mut self) -> anyhow::Result<()> {
+        let queue = self.declare_passive().await.with_context(|| {
+            format!(
+                "looking up the dead-letter queue {DEAD_LETTER_QUEUE} \
+                 (has `tenant-tokens migrate` run against this vhost?)"
+            )
+        })?;
         refuse_other_readers(queue.consumer_count(), 0)?;
         self.count_at_start = queue.message_count();
         if self.count_at_start == 0 {
             return Ok(());
         }
-        // A prefetch of the whole count lets every message arrive without acknowledging any.
-        let prefetch = u16::try_from(self.count_at_start).unwrap_or(u16::MAX);
-        if u32::from(prefetch) < self.count_at_start {
-            eprintln!(
-                "warning: {DEAD_LETTER_QUEUE} holds {} messages; only the first {prefetch} are read",
-                self.count_at_start
-            );
-        }
+        self.next_page().await?;
+        // Someone may have started reading between our declare and our consume.
+        let again = self
+            .declare_passive()
+            .await
+            .context("checking for other readers")?;
+        refuse_other_readers(again.consumer_count(), 1)
+    }
+
+    async fn declare_passive(&self) -> Result<lapin::Queue, lapin::Error> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
         self.channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
+            .await
+    }
+
+    /// Starts the next page: a consumer on a new channel, whose prefetch is the page size. The
+    /// previous page's consumer has received all it will; it keeps its deliveries, and the
+    /// queue offers the next ready messages to the new one.
+    async fn next_page(&mut self) -> anyhow::Result<()> {
+        let left = self.count_at_start.saturating_sub(self.seen);
+        let page = u16::try_from(left).unwrap_or(BROWSE_PAGE).min(BROWSE_PAGE);
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .context("opening a channel for a page of the browse")?;
+        // Registered first, so that `finish` closes it whatever happens next.
+        self.pages.push((channel.clone(), 0));
+        channel
+            .basic_qos(page, BasicQosOptions::default())
             .await
             .context("setting the prefetch")?;
-        let consumer = self
-            .channel
+        let consumer = channel
             .basic_consume(
                 DEAD_LETTER_QUEUE.into(),
                 "".into(),
@@ -646,42 +655,105 @@ impl Browse {
             )
             .await
             .with_context(|| format!("consuming from {DEAD_LETTER_QUEUE}"))?;
-        let consumer = self.consumer.insert(consumer);
-        // Someone may have started reading between our declare and our consume.
-        let again = self
-            .channel
-            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
-            .await
-            .context("checking for other readers")?;
-        refuse_other_readers(again.consumer_count(), 1)?;
-        while self.letters.len() < usize::from(prefetch) {
-            let delivery = match tokio::time::timeout(BROWSE_IDLE, consumer.next()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(delivery)) => delivery.context("reading a dead letter")?,
-            };
-            self.letters.push(letter_of(delivery));
-        }
+        self.consumer = Some(consumer);
+        self.page_left = u32::from(page);
         Ok(())
     }
 
-    /// Closes the browse channel, which hands every unacknowledged dead letter back in its
-    /// original order, waits (briefly) until RabbitMQ counts them as ready again, and closes
-    /// the connection.
-    async fn finish(self) -> anyhow::Result<()> {
-        let browsed_all = self.letters.len() as u64 >= u64::from(self.count_at_start);
-        let expected = if browsed_all {
-            u64::from(self.count_at_start)
-        } else {
-            self.letters.len() as u64
+    /// The next dead letter in queue order, or `None` once the browse has read as many as the
+    /// queue held at the start (or nothing more arrives).
+    async fn next(&mut self) -> anyhow::Result<Option<DeadLetter>> {
+        if self.seen >= self.count_at_start || self.ran_dry {
+            return Ok(None);
         }
-        .saturating_sub(self.removed as u64);
-        drop(self.letters);
-        let closed = self.channel.close(200, "OK".into()).await;
-        if closed.is_ok() && expected > 0 {
-            settle(&self.conn, expected).await;
+        if self.page_left == 0 {
+            self.next_page().await?;
         }
+        let Some(consumer) = self.consumer.as_mut() else {
+            return Ok(None);
+        };
+        let delivery = match tokio::time::timeout(BROWSE_IDLE, consumer.next()).await {
+            Err(_) | Ok(None) => {
+                self.ran_dry = true;
+                return Ok(None);
+            }
+            Ok(Some(delivery)) => delivery.context("reading a dead letter")?,
+        };
+        self.seen += 1;
+        self.page_left -= 1;
+        let page = self.pages.len() - 1;
+        if let Some((_, held)) = self.pages.last_mut() {
+            *held += 1;
+        }
+        Ok(Some(letter_of(delivery, page)))
+    }
+
+    /// The next dead letter that `filters` select, until `--limit` of them have been handed out.
+    async fn next_match(&mut self, filters: &Filters) -> anyhow::Result<Option<DeadLetter>> {
+        if self.matched >= filters.limit.unwrap_or(usize::MAX) {
+            return Ok(None);
+        }
+        while let Some(letter) = self.next().await? {
+            if filters.matches(&letter) {
+                self.matched += 1;
+                return Ok(Some(letter));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes `letter` from the queue for good (a single `basic.ack`); `false` when the
+    /// broker did not take the acknowledgement, and the dead letter stays.
+    async fn remove(&mut self, letter: &DeadLetter) -> bool {
+        let acked = matches!(
+            letter
+                .delivery
+                .ack(BasicAckOptions { multiple: false })
+                .await,
+            Ok(true)
+        );
+        if acked {
+            self.removed += 1;
+            if let Some((_, held)) = self.pages.get_mut(letter.page) {
+                *held = held.saturating_sub(1);
+            }
+            // The ack frees a place in the page's prefetch: one more delivery will come.
+            if letter.page + 1 == self.pages.len() {
+                self.page_left += 1;
+            }
+        }
+        acked
+    }
+
+    /// Hands every dead letter the browse holds back in its original order: closes the page
+    /// channels one at a time, each once the queue counts the previous page as ready again
+    /// (waiting at most [`SETTLE_TIMEOUT`] for each), then closes the connection.
+    async fn finish(mut self) -> anyhow::Result<()> {
+        drop(self.consumer.take());
+        let mut first_error = None;
+        let mut ready = match self.declare_passive().await {
+            Ok(q) => Some(u64::from(q.message_count())),
+            Err(e) => {
+                first_error = Some(anyhow::Error::new(e).context("counting the queue"));
+                None
+            }
+        };
+        for (channel, held) in std::mem::take(&mut self.pages) {
+            if let Err(e) = channel.close(200, "OK".into()).await {
+                first_error.get_or_insert(
+                    anyhow::Error::new(e).context("closing a channel that held dead letters"),
+                );
+                ready = None;
+            }
+            if let Some(before) = ready {
+                let expected = before + u64::from(held);
+                settle(&self.channel, expected).await;
+                ready = Some(expected);
+            }
+        }
+        let _ = self.channel.close(200, "OK".into()).await;
         let _ = self.conn.close(200, "OK".into()).await;
-        closed.context("closing the channel that held the dead letters")
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -699,10 +771,7 @@ fn refuse_other_readers(consumers: u32, ours: u32) -> anyhow::Result<()> {
 }
 
 /// Polls the queue's ready count until it reaches `expected` or [`SETTLE_TIMEOUT`] passes.
-async fn settle(conn: &Connection, expected: u64) {
-    let Ok(channel) = conn.create_channel().await else {
-        return;
-    };
+async fn settle(channel: &Channel, expected: u64) {
     let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
     loop {
         let passive = QueueDeclareOptions {
@@ -719,12 +788,11 @@ async fn settle(conn: &Connection, expected: u64) {
         if tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let _ = channel.close(200, "OK".into()).await;
 }
 
-fn letter_of(delivery: Delivery) -> DeadLetter {
+fn letter_of(delivery: Delivery, page: usize) -> DeadLetter {
     let d = describe(
         delivery.routing_key.as_str(),
         &delivery.properties,
@@ -747,38 +815,44 @@ fn letter_of(delivery: Delivery) -> DeadLetter {
             .as_deref()
             .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()),
         failed_at: d.failed_at,
+        page,
         delivery,
-    }
-}
-
-/// Never print a password from the URL.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // list
 
-fn list(browse: &Browse, args: &ListArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
-    let matches = args.filters.select(&browse.letters);
-    if args.summary {
-        write_summary(&matches, args.json, out)?;
+async fn list(
+    browse: &mut Browse,
+    args: &ListArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<i32> {
+    let matched = if args.summary {
+        list_summary(browse, args, out).await?
     } else if args.json {
-        for letter in &matches {
-            writeln!(out, "{}", letter_json(letter))?;
-        }
+        list_json(browse, &args.filters, out).await?
     } else {
-        write_table(&matches, browse.letters.len(), out)?;
-    }
-    if matches.is_empty() {
+        list_table(browse, &args.filters, out).await?
+    };
+    if matched == 0 {
         return Ok(args.filters.nothing_matched());
     }
     Ok(EXIT_OK)
+}
+
+/// `list --json`: one line per match, written as it arrives. Returns the number of matches.
+async fn list_json(
+    browse: &mut Browse,
+    filters: &Filters,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<usize> {
+    let mut matched = 0;
+    while let Some(letter) = browse.next_match(filters).await? {
+        writeln!(out, "{}", letter_json(&letter))?;
+        matched += 1;
+    }
+    Ok(matched)
 }
 
 fn letter_json(letter: &DeadLetter) -> Value {
@@ -794,37 +868,12 @@ fn letter_json(letter: &DeadLetter) -> Value {
     })
 }
 
-fn write_table(
-    letters: &[&DeadLetter],
-    total: usize,
+/// The `list` table, streamed in blocks of [`TABLE_BLOCK`] rows. Returns the number of matches.
+async fn list_table(
+    browse: &mut Browse,
+    filters: &Filters,
     out: &mut (dyn Write + Send),
-) -> std::io::Result<()> {
-    if letters.is_empty() {
-        return writeln!(
-            out,
-            "no dead letters match ({total} in {DEAD_LETTER_QUEUE})"
-        );
-    }
-    let rows: Vec<[String; 7]> = letters
-        .iter()
-        .map(|l| {
-            [
-                l.id.clone(),
-                l.failed_at_time
-                    .map(short_time)
-                    .or_else(|| l.failed_at.as_deref().map(one_line))
-                    .unwrap_or_else(|| "-".into()),
-                l.kind.clone(),
-                l.attempts.to_string(),
-                cut(
-                    &one_line(l.tenant_id.as_deref().unwrap_or("-")),
-                    TABLE_COLUMN_CHARS,
-                ),
-                cut(&one_line(&l.routing_key), TABLE_COLUMN_CHARS),
-                cut(&one_line(&l.error), TABLE_ERROR_CHARS),
-            ]
-        })
-        .collect();
+) -> anyhow::Result<usize> {
     let header = [
         "ID",
         "FAILED AT",
@@ -835,82 +884,162 @@ fn write_table(
         "ERROR",
     ]
     .map(str::to_owned);
-    write_columns(&header, &rows, out)?;
+    let mut table = Table::new(header);
+    let mut matched = 0;
+    while let Some(letter) = browse.next_match(filters).await? {
+        table.push(table_row(&letter), out)?;
+        matched += 1;
+    }
+    let total = browse.count_at_start;
+    if matched == 0 {
+        writeln!(
+            out,
+            "no dead letters match ({total} in {DEAD_LETTER_QUEUE})"
+        )?;
+        return Ok(0);
+    }
+    table.flush(out)?;
     writeln!(
         out,
-        "{} of {total} dead letters in {DEAD_LETTER_QUEUE}",
-        letters.len()
-    )
+        "{matched} of {total} dead letters in {DEAD_LETTER_QUEUE}"
+    )?;
+    Ok(matched)
 }
 
-fn write_columns<const N: usize>(
-    header: &[String; N],
-    rows: &[[String; N]],
-    out: &mut (dyn Write + Send),
-) -> std::io::Result<()> {
-    let mut widths = header.clone().map(|h| h.chars().count());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+fn table_row(l: &DeadLetter) -> [String; 7] {
+    [
+        l.id.clone(),
+        l.failed_at_time
+            .map(short_time)
+            .or_else(|| l.failed_at.as_deref().map(one_line))
+            .unwrap_or_else(|| "-".into()),
+        l.kind.clone(),
+        l.attempts.to_string(),
+        cut(
+            &one_line(l.tenant_id.as_deref().unwrap_or("-")),
+            TABLE_COLUMN_CHARS,
+        ),
+        cut(&one_line(&l.routing_key), TABLE_COLUMN_CHARS),
+        cut(&one_line(&l.error), TABLE_ERROR_CHARS),
+    ]
+}
+
+/// A text table written in blocks: the rows of a block are aligned together, the header is
+/// written with the first block, and columns never narrow from one block to the next.
+struct Table<const N: usize> {
+    header: [String; N],
+    widths: [usize; N],
+    block: Vec<[String; N]>,
+    header_written: bool,
+}
+
+impl<const N: usize> Table<N> {
+    fn new(header: [String; N]) -> Self {
+        let widths = header.clone().map(|h| h.chars().count());
+        Table {
+            header,
+            widths,
+            block: Vec::new(),
+            header_written: false,
         }
     }
-    for row in std::iter::once(header).chain(rows) {
-        let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                let pad = w - cell.chars().count();
-                line.push_str(cell);
-                line.push_str(&" ".repeat(pad + 2));
+
+    fn push(&mut self, row: [String; N], out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+        self.block.push(row);
+        if self.block.len() >= TABLE_BLOCK {
+            self.flush(out)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the rows pushed so far (and the header, the first time).
+    fn flush(&mut self, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+        for row in &self.block {
+            for (w, cell) in self.widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
             }
         }
-        writeln!(out, "{}", line.trim_end())?;
+        if !self.header_written {
+            write_row(&self.header, &self.widths, out)?;
+            self.header_written = true;
+        }
+        for row in self.block.drain(..) {
+            write_row(&row, &self.widths, out)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-fn write_summary(
-    letters: &[&DeadLetter],
-    as_json: bool,
+/// One table line: cells padded to `widths` and two spaces apart, the last one unpadded.
+fn write_row<const N: usize>(
+    row: &[String; N],
+    widths: &[usize; N],
     out: &mut (dyn Write + Send),
 ) -> std::io::Result<()> {
-    struct Group<'a> {
-        kind: &'a str,
-        error: &'a str,
-        count: usize,
-        oldest: Option<OffsetDateTime>,
-        newest: Option<OffsetDateTime>,
+    let mut line = String::new();
+    for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+        line.push_str(cell);
+        if i + 1 < N {
+            let pad = w - cell.chars().count();
+            line.push_str(&" ".repeat(pad + 2));
+        }
     }
-    let mut groups: Vec<Group> = Vec::new();
-    let mut index: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-    for l in letters {
-        let key = (l.kind.as_str(), l.error.as_str());
-        let i = *index.entry(key).or_insert_with(|| {
-            groups.push(Group {
-                kind: key.0,
-                error: key.1,
+    writeln!(out, "{}", line.trim_end())
+}
+
+/// The matches of one (kind, error) group, for `list --summary`.
+struct Group {
+    /// Position of the group's first dead letter among the matches (ties keep queue order).
+    first: usize,
+    count: usize,
+    oldest: Option<OffsetDateTime>,
+    newest: Option<OffsetDateTime>,
+}
+
+/// `list --summary`: only the group counters are kept while browsing. Returns the number of
+/// matches.
+async fn list_summary(
+    browse: &mut Browse,
+    args: &ListArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<usize> {
+    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+    let mut matched = 0;
+    while let Some(letter) = browse.next_match(&args.filters).await? {
+        let g = groups
+            .entry((letter.kind, letter.error))
+            .or_insert_with(|| Group {
+                first: matched,
                 count: 0,
                 oldest: None,
                 newest: None,
             });
-            groups.len() - 1
-        });
-        let g = &mut groups[i];
         g.count += 1;
-        if let Some(t) = l.failed_at_time {
+        if let Some(t) = letter.failed_at_time {
             g.oldest = Some(g.oldest.map_or(t, |o| o.min(t)));
             g.newest = Some(g.newest.map_or(t, |n| n.max(t)));
         }
+        matched += 1;
     }
-    // Biggest groups first; ties keep queue order (stable sort).
-    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
+    let mut groups: Vec<((String, String), Group)> = groups.into_iter().collect();
+    // Biggest groups first; ties keep queue order.
+    groups.sort_by_key(|(_, g)| (std::cmp::Reverse(g.count), g.first));
+    write_summary(&groups, matched, args.json, out)?;
+    Ok(matched)
+}
+
+fn write_summary(
+    groups: &[((String, String), Group)],
+    matched: usize,
+    as_json: bool,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
     let rfc = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
     if as_json {
-        for g in &groups {
+        for ((kind, error), g) in groups {
             let line = json!({
-                "kind": g.kind,
-                "error": g.error,
+                "kind": kind,
+                "error": error,
                 "count": g.count,
                 "oldest": rfc(g.oldest),
                 "newest": rfc(g.newest),
@@ -923,25 +1052,19 @@ fn write_summary(
         return writeln!(out, "no dead letters match");
     }
     let header = ["COUNT", "KIND", "OLDEST", "NEWEST", "ERROR"].map(str::to_owned);
-    let rows: Vec<[String; 5]> = groups
-        .iter()
-        .map(|g| {
-            [
-                g.count.to_string(),
-                g.kind.to_owned(),
-                g.oldest.map_or_else(|| "-".into(), short_time),
-                g.newest.map_or_else(|| "-".into(), short_time),
-                cut(&one_line(g.error), TABLE_ERROR_CHARS),
-            ]
-        })
-        .collect();
-    write_columns(&header, &rows, out)?;
-    writeln!(
-        out,
-        "{} dead letters in {} groups",
-        letters.len(),
-        groups.len()
-    )
+    let mut table = Table::new(header);
+    for ((kind, error), g) in groups {
+        let row = [
+            g.count.to_string(),
+            kind.clone(),
+            g.oldest.map_or_else(|| "-".into(), short_time),
+            g.newest.map_or_else(|| "-".into(), short_time),
+            cut(&one_line(error), TABLE_ERROR_CHARS),
+        ];
+        table.push(row, out)?;
+    }
+    table.flush(out)?;
+    writeln!(out, "{matched} dead letters in {} groups", groups.len())
 }
 
 /// `2024-05-01T12:00:00Z`: seconds are enough in a table.
@@ -991,12 +1114,28 @@ fn cut(text: &str, max: usize) -> String {
 // ---------------------------------------------------------------------------------------
 // show
 
-fn show(browse: &Browse, id: &str, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
-    let Some(letter) = browse.letters.iter().find(|l| l.id == id) else {
+async fn show(browse: &mut Browse, id: &str, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
+    let only = Filters {
+        id: Some(id.to_owned()),
+        ..Default::default()
+    };
+    let Some(letter) = browse.next_match(&only).await? else {
         eprintln!("error: no dead letter with id {id} in {DEAD_LETTER_QUEUE}");
         return Ok(EXIT_NOT_FOUND);
     };
+    write_overview(&letter, out)?;
     let props = &letter.delivery.properties;
+    writeln!(out, "properties:")?;
+    for (name, value) in property_list(props) {
+        writeln!(out, "  {name}: {}", printable(&value))?;
+    }
+    write_headers(props, out)?;
+    write_body(&letter.delivery.data, out)?;
+    Ok(EXIT_OK)
+}
+
+/// The first lines of `show`: what `list` shows, in full, and how the letter was delivered.
+fn write_overview(letter: &DeadLetter, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
     let mut lines: Vec<(String, String)> = vec![
         ("id".into(), letter.id.clone()),
         ("kind".into(), letter.kind.clone()),
@@ -1020,38 +1159,41 @@ fn show(browse: &Browse, id: &str, out: &mut (dyn Write + Send)) -> anyhow::Resu
             letter.failed_at.clone().unwrap_or_else(|| "-".into()),
         ),
     ];
-    if let Some(status) = header_int(props.headers().as_ref(), headers::ISSUER_STATUS) {
+    if let Some(status) = header_u32(&letter.delivery.properties, headers::ISSUER_STATUS) {
         lines.push(("issuer status".into(), status.to_string()));
     }
     for (name, value) in &lines {
         writeln!(out, "{:<16}{}", format!("{name}:"), printable(value))?;
     }
-    writeln!(out, "properties:")?;
-    for (name, value) in property_list(props) {
-        writeln!(out, "  {name}: {}", printable(&value))?;
-    }
+    Ok(())
+}
+
+/// Every header, with secret-looking ones redacted.
+fn write_headers(props: &BasicProperties, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
     writeln!(out, "headers:")?;
-    match props.headers() {
-        Some(table) if !table.inner().is_empty() => {
-            for (name, value) in table {
-                let shown = if is_secret_name(name.as_str()) {
-                    "<redacted>".to_owned()
-                } else {
-                    match amqp_to_json(value) {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    }
-                };
-                writeln!(out, "  {}: {}", one_line(name.as_str()), printable(&shown))?;
+    let Some(table) = props.headers().as_ref().filter(|t| !t.inner().is_empty()) else {
+        return writeln!(out, "  (none)");
+    };
+    for (name, value) in table {
+        let shown = if is_secret_name(name.as_str()) {
+            "<redacted>".to_owned()
+        } else {
+            match amqp_to_json(value) {
+                Value::String(s) => s,
+                other => other.to_string(),
             }
-        }
-        _ => writeln!(out, "  (none)")?,
+        };
+        writeln!(out, "  {}: {}", one_line(name.as_str()), printable(&shown))?;
     }
-    let body = &letter.delivery.data;
+    Ok(())
+}
+
+/// The body as text, or its start as hex when it is not UTF-8.
+fn write_body(body: &[u8], out: &mut (dyn Write + Send)) -> std::io::Result<()> {
     match std::str::from_utf8(body) {
         Ok(text) => {
             writeln!(out, "body ({} bytes):", body.len())?;
-            writeln!(out, "{}", printable(text))?;
+            writeln!(out, "{}", printable(text))
         }
         Err(_) => {
             let shown = &body[..body.len().min(64)];
@@ -1061,10 +1203,9 @@ fn show(browse: &Browse, id: &str, out: &mut (dyn Write + Send)) -> anyhow::Resu
                 body.len(),
                 shown.len()
             )?;
-            writeln!(out, "{}", hex::encode(shown))?;
+            writeln!(out, "{}", hex::encode(shown))
         }
     }
-    Ok(EXIT_OK)
 }
 
 fn property_list(p: &BasicProperties) -> Vec<(&'static str, String)> {
@@ -1125,9 +1266,8 @@ fn amqp_to_json(value: &AMQPValue) -> Value {
         AMQPValue::Float(f) => json!(f),
         AMQPValue::Double(f) => json!(f),
         AMQPValue::DecimalValue(d) => json!({ "scale": d.scale, "value": d.value }),
-        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => {
-            json!(value_str(value).unwrap_or_default())
-        }
+        AMQPValue::ShortString(s) => json!(s.as_str()),
+        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
         AMQPValue::Timestamp(t) => timestamp_rfc3339(*t).map_or_else(|| json!(t), Value::String),
         AMQPValue::FieldTable(t) => Value::Object(
@@ -1156,117 +1296,110 @@ async fn replay(
     args: &ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<i32> {
-    let selected: Vec<usize> = matching_indexes(&browse.letters, &args.filters);
-    if selected.is_empty() {
+    if args.dry_run {
+        return replay_dry_run(browse, args, out).await;
+    }
+    let mut replayer: Option<Replayer> = None;
+    let (mut replayed, mut failed) = (0usize, 0usize);
+    while let Some(letter) = browse.next_match(&args.filters).await? {
+        let r = match &replayer {
+            Some(r) => r,
+            None => replayer.insert(Replayer::open(&browse.conn).await?),
+        };
+        let outcome = match r.republish(&letter).await {
+            Err(reason) => Err(reason),
+            // Only now, with the copy safely confirmed, remove the dead letter.
+            Ok(()) if browse.remove(&letter).await => Ok(()),
+            Ok(()) => Err(
+                "replayed, but the dead letter could not be removed; it is still in the queue"
+                    .to_owned(),
+            ),
+        };
+        match &outcome {
+            Ok(()) => replayed += 1,
+            Err(_) => failed += 1,
+        }
+        write_replay_outcome(&letter, &outcome, args.json, out)?;
+    }
+    if let Some(r) = replayer {
+        r.close().await;
+    }
+    if replayed + failed == 0 {
         if !args.json {
             writeln!(out, "no dead letters match; nothing to replay")?;
         }
         return Ok(args.filters.nothing_matched());
     }
-    if args.dry_run {
-        for &i in &selected {
-            let l = &browse.letters[i];
-            if args.json {
-                writeln!(out, "{}", outcome_json(l, "would_replay", None))?;
-            } else {
-                writeln!(
-                    out,
-                    "would replay {}  to {EVENTS_EXCHANGE} with routing key {}  (tenant {}, {}: {})",
-                    l.id,
-                    one_line(&l.routing_key),
-                    one_line(l.tenant_id.as_deref().unwrap_or("-")),
-                    l.kind,
-                    cut(&one_line(&l.error), TABLE_ERROR_CHARS)
-                )?;
-            }
-        }
-        if !args.json {
-            writeln!(
-                out,
-                "dry run: {} dead letters would be replayed",
-                selected.len()
-            )?;
-        }
-        return Ok(EXIT_OK);
-    }
-
-    let publisher = browse
-        .conn
-        .create_channel()
-        .await
-        .context("opening the publishing channel")?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .context("enabling publisher confirms")?;
-    let replayed_at = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .context("formatting the replay time")?;
-    let (mut replayed, mut failed) = (0usize, 0usize);
-    for &i in &selected {
-        let letter = &browse.letters[i];
-        let outcome = match republish(&publisher, letter, &replayed_at).await {
-            Err(reason) => Err(reason),
-            // Only now, with the copy safely confirmed, remove the dead letter.
-            Ok(()) => match letter
-                .delivery
-                .ack(BasicAckOptions { multiple: false })
-                .await
-            {
-                Ok(true) => Ok(()),
-                Ok(false) | Err(_) => Err(
-                    "replayed, but the dead letter could not be removed; it is still in the queue"
-                        .to_owned(),
-                ),
-            },
-        };
-        match &outcome {
-            Ok(()) => {
-                replayed += 1;
-                browse.removed += 1;
-            }
-            Err(_) => failed += 1,
-        }
-        if args.json {
-            let (result, reason) = match &outcome {
-                Ok(()) => ("replayed", None),
-                Err(reason) => ("failed", Some(reason.as_str())),
-            };
-            writeln!(out, "{}", outcome_json(letter, result, reason))?;
-        } else {
-            match &outcome {
-                Ok(()) => writeln!(
-                    out,
-                    "replayed {}  to routing key {}  (tenant {})",
-                    letter.id,
-                    one_line(&letter.routing_key),
-                    one_line(letter.tenant_id.as_deref().unwrap_or("-"))
-                )?,
-                Err(reason) => writeln!(
-                    out,
-                    "FAILED   {}  to routing key {}: {}  (the dead letter stays)",
-                    letter.id,
-                    one_line(&letter.routing_key),
-                    one_line(reason)
-                )?,
-            }
-        }
-    }
-    let _ = publisher.close(200, "OK".into()).await;
     if !args.json {
         writeln!(out, "replayed {replayed}, failed {failed}")?;
     }
     Ok(if failed > 0 { EXIT_FAILURE } else { EXIT_OK })
 }
 
-fn matching_indexes(letters: &[DeadLetter], filters: &Filters) -> Vec<usize> {
-    letters
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| filters.matches(l))
-        .map(|(i, _)| i)
-        .take(filters.limit.unwrap_or(usize::MAX))
-        .collect()
+/// `replay --dry-run`: what would be replayed, without publishing or removing anything.
+async fn replay_dry_run(
+    browse: &mut Browse,
+    args: &ReplayArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<i32> {
+    let mut matched = 0usize;
+    while let Some(l) = browse.next_match(&args.filters).await? {
+        matched += 1;
+        if args.json {
+            writeln!(out, "{}", outcome_json(&l, "would_replay", None))?;
+        } else {
+            writeln!(
+                out,
+                "would replay {}  to {EVENTS_EXCHANGE} with routing key {}  (tenant {}, {}: {})",
+                l.id,
+                one_line(&l.routing_key),
+                one_line(l.tenant_id.as_deref().unwrap_or("-")),
+                l.kind,
+                cut(&one_line(&l.error), TABLE_ERROR_CHARS)
+            )?;
+        }
+    }
+    if matched == 0 {
+        if !args.json {
+            writeln!(out, "no dead letters match; nothing to replay")?;
+        }
+        return Ok(args.filters.nothing_matched());
+    }
+    if !args.json {
+        writeln!(out, "dry run: {matched} dead letters would be replayed")?;
+    }
+    Ok(EXIT_OK)
+}
+
+fn write_replay_outcome(
+    letter: &DeadLetter,
+    outcome: &Result<(), String>,
+    as_json: bool,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
+    if as_json {
+        let (result, reason) = match outcome {
+            Ok(()) => ("replayed", None),
+            Err(reason) => ("failed", Some(reason.as_str())),
+        };
+        return writeln!(out, "{}", outcome_json(letter, result, reason));
+    }
+    match outcome {
+        Ok(()) => writeln!(
+            out,
+            "replayed {}  to routing key {}  (tenant {})",
+            letter.id,
+            one_line(&letter.routing_key),
+            one_line(letter.tenant_id.as_deref().unwrap_or("-"))
+        ),
+        Err(reason) => writeln!(
+            out,
+            "FAILED   {}  to routing key {}: {}  (the dead letter stays)",
+            letter.id,
+            one_line(&letter.routing_key),
+            one_line(reason)
+        ),
+    }
 }
 
 fn outcome_json(letter: &DeadLetter, result: &str, reason: Option<&str>) -> Value {
@@ -1280,44 +1413,62 @@ fn outcome_json(letter: &DeadLetter, result: &str, reason: Option<&str>) -> Valu
     })
 }
 
-/// Publishes the replayed copy and waits for the broker's verdict; `Err` says why it did not
-/// go through (the dead letter then stays).
-async fn republish(
-    publisher: &Channel,
-    letter: &DeadLetter,
-    replayed_at: &str,
-) -> Result<(), String> {
-    let routing_key = ShortString::try_new(letter.routing_key.clone())
-        .map_err(|e| format!("the original routing key is not usable: {e}"))?;
-    let props = replay_properties(&letter.delivery.properties, replayed_at);
-    let confirm = publisher
-        .basic_publish(
-            EVENTS_EXCHANGE.into(),
-            routing_key,
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
+/// The confirmed publisher of a replay, opened on the first match (a command that matches
+/// nothing opens no channel), with the replay time every copy of this command carries.
+struct Replayer {
+    channel: Channel,
+    publisher: Publisher,
+    replayed_at: String,
+}
+
+impl Replayer {
+    async fn open(conn: &Connection) -> anyhow::Result<Self> {
+        let channel = conn
+            .create_channel()
+            .await
+            .context("opening the publishing channel")?;
+        let publisher = Publisher::new(channel.clone())
+            .await
+            .context("enabling publisher confirms")?;
+        let replayed_at = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .context("formatting the replay time")?;
+        Ok(Replayer {
+            channel,
+            publisher,
+            replayed_at,
+        })
+    }
+
+    /// Publishes the replayed copy (`mandatory`) and waits at most [`CONFIRM_TIMEOUT`] for the
+    /// broker's verdict; `Err` says why it did not go through (the dead letter then stays).
+    async fn republish(&self, letter: &DeadLetter) -> Result<(), String> {
+        ShortString::try_new(letter.routing_key.clone())
+            .map_err(|e| format!("the original routing key is not usable: {e}"))?;
+        let props = replay_properties(&letter.delivery.properties, &self.replayed_at);
+        let publish = self.publisher.publish(
+            EVENTS_EXCHANGE,
+            &letter.routing_key,
             &letter.delivery.data,
             props,
-        )
-        .await
-        .map_err(|e| format!("publishing failed: {e}"))?;
-    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-        Err(_) => Err(format!(
-            "not confirmed by the broker within {}s",
-            CONFIRM_TIMEOUT.as_secs()
-        )),
-        Ok(Err(e)) => Err(format!("not confirmed: {e}")),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
-            "unroutable: no queue is bound to {EVENTS_EXCHANGE} for this routing key ({} {})",
-            returned.reply_code, returned.reply_text
-        )),
-        Ok(Ok(Confirmation::Nack(_))) => Err("rejected by the broker (nack)".to_owned()),
-        Ok(Ok(Confirmation::NotRequested)) => {
-            Err("publisher confirms are not enabled on the channel".to_owned())
+            true,
+        );
+        match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+            Err(_) => Err(format!(
+                "not confirmed by the broker within {}s",
+                CONFIRM_TIMEOUT.as_secs()
+            )),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(PublishError::Unroutable(_))) => Err(format!(
+                "unroutable: no queue is bound to {EVENTS_EXCHANGE} for this routing key"
+            )),
+            Ok(Err(PublishError::Nacked)) => Err("rejected by the broker (nack)".to_owned()),
+            Ok(Err(PublishError::Broker(e))) => Err(format!("publishing failed: {e}")),
         }
+    }
+
+    async fn close(self) {
+        let _ = self.channel.close(200, "OK".into()).await;
     }
 }
 
@@ -1384,52 +1535,52 @@ async fn purge(
     args: &PurgeArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<i32> {
-    let selected = matching_indexes(&browse.letters, &args.filters);
-    if selected.is_empty() {
+    let (mut purged, mut failed) = (0usize, 0usize);
+    while let Some(letter) = browse.next_match(&args.filters).await? {
+        let removed = browse.remove(&letter).await;
+        if removed {
+            purged += 1;
+        } else {
+            failed += 1;
+        }
+        write_purge_outcome(&letter, removed, args.json, out)?;
+    }
+    if purged + failed == 0 {
         if !args.json {
             writeln!(out, "no dead letters match; nothing to purge")?;
         }
         return Ok(args.filters.nothing_matched());
     }
-    let (mut purged, mut failed) = (0usize, 0usize);
-    for &i in &selected {
-        let letter = &browse.letters[i];
-        let removed = matches!(
-            letter
-                .delivery
-                .ack(BasicAckOptions { multiple: false })
-                .await,
-            Ok(true)
-        );
-        if removed {
-            purged += 1;
-            browse.removed += 1;
-        } else {
-            failed += 1;
-        }
-        if args.json {
-            let (result, reason) = if removed {
-                ("purged", None)
-            } else {
-                ("failed", Some("could not acknowledge the dead letter"))
-            };
-            writeln!(out, "{}", outcome_json(letter, result, reason))?;
-        } else if removed {
-            writeln!(
-                out,
-                "purged {}  ({}, tenant {})",
-                letter.id,
-                letter.kind,
-                one_line(letter.tenant_id.as_deref().unwrap_or("-"))
-            )?;
-        } else {
-            writeln!(out, "FAILED {}: could not remove it; it stays", letter.id)?;
-        }
-    }
     if !args.json {
         writeln!(out, "purged {purged}, failed {failed}")?;
     }
     Ok(if failed > 0 { EXIT_FAILURE } else { EXIT_OK })
+}
+
+fn write_purge_outcome(
+    letter: &DeadLetter,
+    removed: bool,
+    as_json: bool,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
+    if as_json {
+        let (result, reason) = if removed {
+            ("purged", None)
+        } else {
+            ("failed", Some("could not acknowledge the dead letter"))
+        };
+        writeln!(out, "{}", outcome_json(letter, result, reason))
+    } else if removed {
+        writeln!(
+            out,
+            "purged {}  ({}, tenant {})",
+            letter.id,
+            letter.kind,
+            one_line(letter.tenant_id.as_deref().unwrap_or("-"))
+        )
+    } else {
+        writeln!(out, "FAILED {}: could not remove it; it stays", letter.id)
+    }
 }
 
 #[cfg(test)]
@@ -1530,7 +1681,7 @@ mod tests {
         assert!(!h.contains_key("x-first-death-reason"));
         assert!(h.contains_key("traceparent"));
         assert_eq!(
-            header_str(Some(&h), headers::REPLAYED_AT).as_deref(),
+            table_str(&h, headers::REPLAYED_AT),
             Some("2024-05-02T00:00:00Z")
         );
         let p = replay_properties(&worker_props(), "2024-05-02T00:00:00Z");
@@ -1542,18 +1693,22 @@ mod tests {
 
     #[test]
     fn durations_and_times() {
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("45s"), Some(Duration::from_secs(45)));
-        assert_eq!(parse_duration("45"), None);
-        assert_eq!(parse_duration("h"), None);
-        assert_eq!(parse_duration("2x"), None);
+        let ago = |text: &str| {
+            let t = parse_when(text).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            OffsetDateTime::now_utc() - t
+        };
+        let about = |d: time::Duration, want: time::Duration| {
+            d >= want - time::Duration::minutes(1) && d <= want + time::Duration::minutes(1)
+        };
+        assert!(about(ago("1h"), time::Duration::hours(1)));
+        assert!(about(ago("1h30m"), time::Duration::minutes(90)));
+        assert!(about(ago("1d"), time::Duration::days(1)));
+        assert!(about(ago("1w"), time::Duration::weeks(1)));
         assert!(parse_when("2024-05-01T12:00:00Z").is_ok());
-        assert!(parse_when("yesterday").is_err());
-        let ago = parse_when("1h").unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let diff = OffsetDateTime::now_utc() - ago;
-        assert!(diff >= time::Duration::minutes(59) && diff <= time::Duration::minutes(61));
+        for bad in ["yesterday", "45", "h", "2x", "1h30", ""] {
+            assert!(parse_when(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_when("400d").is_err_and(|e| e.contains("too long ago")));
         assert!(parse_limit("0").is_err());
         assert_eq!(parse_limit("3"), Ok(3));
     }
@@ -1566,7 +1721,7 @@ mod tests {
         assert_eq!(one_line("a\x1b[2Jb\nc"), "a [2Jb c");
         assert_eq!(
             redact_url("amqp://user:pw@host:5672/v"),
-            "amqp://***@host:5672/v"
+            "amqp://user:***@host:5672/v"
         );
     }
 

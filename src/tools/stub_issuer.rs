@@ -45,6 +45,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::ContainerName;
+
 /// How long [`StubIssuer::shutdown`] waits for in-flight requests before it aborts
 /// the server task, so a client holding a connection cannot hang a test forever.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -362,28 +364,9 @@ pub async fn run(args: StubArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("{}", stub.url());
     tracing::info!(url = %stub.url(), "stub issuer listening");
-    wait_for_signal().await?;
+    crate::shutdown::signalled().await;
     tracing::info!("signal received, stopping stub issuer");
     stub.shutdown().await;
-    Ok(())
-}
-
-/// Resolves on SIGINT or (on Unix) SIGTERM, the signals a terminal and an
-/// orchestrator use to stop the stub.
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot install SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
     Ok(())
 }
 
@@ -652,7 +635,7 @@ fn parse_issue_body(body: &[u8]) -> Result<(String, Map<String, Value>), String>
         Some(Value::String(ten)) => ten,
         Some(_) => return Err(r#""ten" must be a string"#.into()),
     };
-    if !valid_container(&ten) {
+    if ContainerName::parse(&ten).is_err() {
         return Err(r#""ten" must match ^[a-z0-9][a-z0-9-]{0,62}$"#.into());
     }
     for key in NUMERIC_RESTRICTIONS {
@@ -665,19 +648,6 @@ fn parse_issue_body(body: &[u8]) -> Result<(String, Map<String, Value>), String>
     object.remove("jti");
     object.remove("iat");
     Ok((ten, object))
-}
-
-/// `^[a-z0-9][a-z0-9-]{0,62}$`, the webtask container name rule (CONTRACT §5).
-fn valid_container(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    match bytes.first() {
-        Some(first) if first.is_ascii_lowercase() || first.is_ascii_digit() => {}
-        _ => return false,
-    }
-    bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
 /// The `Idempotency-Key`, if sent; an empty or non-text key is a client bug (400).
@@ -944,14 +914,13 @@ mod tests {
 
     #[test]
     fn container_names() {
-        assert!(valid_container("a"));
-        assert!(valid_container("acme-corp-3f9a12c0"));
-        assert!(valid_container(&"a".repeat(63)));
-        assert!(!valid_container(&"a".repeat(64)));
-        assert!(!valid_container(""));
-        assert!(!valid_container("-a"));
-        assert!(!valid_container("Acme"));
-        assert!(!valid_container("a_b"));
+        let ten = |t: &str| parse_issue_body(json!({ "ten": t }).to_string().as_bytes());
+        assert!(ten("a").is_ok());
+        assert!(ten("acme-corp-3f9a12c0").is_ok());
+        assert!(ten(&"a".repeat(63)).is_ok());
+        for bad in [&"a".repeat(64), "", "-a", "Acme", "a_b"] {
+            assert!(ten(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
