@@ -1463,7 +1463,9 @@ impl Replayer {
                 "unroutable: no queue is bound to {EVENTS_EXCHANGE} for this routing key"
             )),
             Ok(Err(PublishError::Nacked)) => Err("rejected by the broker (nack)".to_owned()),
-            Ok(Err(PublishError::Broker(e))) => Err(format!("publishing failed: {e}")),
+            Ok(Err(e @ (PublishError::Broker(_) | PublishError::Encode(_)))) => {
+                Err(format!("publishing failed: {e}"))
+            }
         }
     }
 
