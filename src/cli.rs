@@ -16,17 +16,17 @@ use crate::telemetry::{self, LogFormat};
 /// `tenant-tokens`: provisions one webtask tenant token per tenant from RabbitMQ events.
 #[derive(Parser, Debug)]
 #[command(name = "tenant-tokens", version, about, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format (level by RUST_LOG).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json, global = true)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The commands.
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// The worker: consume requests until SIGTERM/SIGINT, then drain and exit 0.
     Run(Box<RunArgs>),
     /// Apply database migrations and declare the broker topology, then exit.
@@ -55,7 +55,7 @@ pub enum Command {
 
 /// `migrate`.
 #[derive(clap::Args, Debug)]
-pub struct MigrateArgs {
+pub(crate) struct MigrateArgs {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
@@ -67,7 +67,7 @@ pub struct MigrateArgs {
 
 /// A command's failure with its exit status.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     code: u8,
     error: anyhow::Error,
 }
@@ -123,7 +123,7 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs one command; `Ok` carries the exit status of a command that finished its job.
-pub async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+pub(crate) async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Run(args) => {
             telemetry::init_tracing(cli.log_format, "info");

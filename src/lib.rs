@@ -31,7 +31,7 @@ pub mod domain;
 pub mod issuer;
 pub mod ops;
 pub mod pipeline;
-pub mod shutdown;
+pub(crate) mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tools;

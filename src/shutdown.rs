@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A token cancelled on the first SIGTERM or SIGINT: the broadcast every long-running command
 /// (`run`, `stub-issuer`) listens to, to stop taking work, drain and exit 0.
-pub fn on_signals() -> CancellationToken {
+pub(crate) fn on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -17,7 +17,7 @@ pub fn on_signals() -> CancellationToken {
 }
 
 /// Resolves on the first SIGTERM or SIGINT (SIGINT only where there is no SIGTERM).
-pub async fn signalled() {
+pub(crate) async fn signalled() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

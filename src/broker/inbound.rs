@@ -15,7 +15,7 @@ use crate::pipeline::decode::Envelope;
 use crate::telemetry::{InFlight, metric};
 
 /// One message taken from the requests queue, with what the pipeline needs of it.
-pub struct Inbound {
+pub(crate) struct Inbound {
     /// The routing key the request was first published with (a retried message keeps it in
     /// `x-tt-original-routing-key`).
     pub routing_key: String,
@@ -40,7 +40,7 @@ pub struct Inbound {
 
 impl Inbound {
     /// Takes a delivery apart. From here on it counts as in flight until it is dropped.
-    pub fn from_delivery(d: Delivery) -> Self {
+    pub(crate) fn from_delivery(d: Delivery) -> Self {
         let p = &d.properties;
         let owned = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
         Self {
@@ -66,7 +66,7 @@ impl Inbound {
     }
 
     /// What the decoder needs.
-    pub fn envelope(&self) -> Envelope<'_> {
+    pub(crate) fn envelope(&self) -> Envelope<'_> {
         Envelope {
             routing_key: &self.routing_key,
             message_id: self.message_id.as_deref(),
@@ -78,12 +78,12 @@ impl Inbound {
 
     /// The original properties with headers changed by `edit`, persistent: for the copies that
     /// go to a retry queue or the dead-letter queue, which keep everything of the original.
-    pub fn copy_properties(&self, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+    pub(crate) fn copy_properties(&self, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
         with_headers(&self.properties, edit)
     }
 
     /// Settles the message: the broker forgets it.
-    pub async fn ack(&self) {
+    pub(crate) async fn ack(&self) {
         self.settled();
         if let Err(e) = self.acker.ack(BasicAckOptions::default()).await {
             tracing::warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is answered idempotently");
@@ -91,7 +91,7 @@ impl Inbound {
     }
 
     /// Hands the message back to the queue, untouched.
-    pub async fn requeue(&self) {
+    pub(crate) async fn requeue(&self) {
         self.settled();
         let opts = BasicNackOptions {
             requeue: true,

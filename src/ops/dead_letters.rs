@@ -17,21 +17,21 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the gauge is read from: a channel of the worker's live broker session, if any.
 #[derive(Debug, Default)]
-pub struct DeadLetterDepth {
+pub(crate) struct DeadLetterDepth {
     channel: Mutex<Option<Channel>>,
     last_read: Mutex<Option<Instant>>,
 }
 
 impl DeadLetterDepth {
     /// Attaches the channel of a new broker session (or detaches with `None`).
-    pub fn attach(&self, channel: Option<Channel>) {
+    pub(crate) fn attach(&self, channel: Option<Channel>) {
         if let Ok(mut c) = self.channel.lock() {
             *c = channel;
         }
     }
 
     /// Reads the depth from the broker into the gauge, unless it was read within [`CACHE`].
-    pub async fn refresh(&self) {
+    pub(crate) async fn refresh(&self) {
         let now = Instant::now();
         {
             let Ok(mut last) = self.last_read.lock() else {

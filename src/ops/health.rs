@@ -15,7 +15,7 @@ pub struct Health {
     /// The issuer breaker.
     pub breaker: Breaker,
     /// The dead-letter queue's depth, read on scrape.
-    pub dead_letters: DeadLetterDepth,
+    pub(crate) dead_letters: DeadLetterDepth,
 }
 
 impl Health {

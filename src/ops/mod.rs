@@ -1,7 +1,7 @@
 //! The ops endpoints: `/healthz` (the process is alive), `/readyz` (it is consuming and can
 //! do its job) and `/metrics` (Prometheus text).
 
-pub mod dead_letters;
+pub(crate) mod dead_letters;
 pub mod health;
 
 use std::net::SocketAddr;

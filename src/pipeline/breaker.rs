@@ -12,6 +12,10 @@ use super::disposition::{BreakerState, Happened};
 use crate::broker::inbound::Inbound;
 use crate::telemetry::metric;
 
+/// Messages in a row whose issue calls failed transiently (budget spent) before the breaker
+/// opens: the issuer is down for everyone, not for one message.
+const TRANSIENT_THRESHOLD: u32 = 10;
+
 /// Pauses consumption for the whole process while the issuer refuses the master token (or is
 /// down for everyone), and lets one real request at a time probe it (half-open).
 #[derive(Debug)]
@@ -19,7 +23,6 @@ pub struct Breaker {
     open: AtomicBool,
     probing: AtomicBool,
     consecutive_transient: AtomicU32,
-    threshold: AtomicU32,
     closed: Notify,
 }
 
@@ -29,14 +32,13 @@ impl Default for Breaker {
             open: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             consecutive_transient: AtomicU32::new(0),
-            threshold: AtomicU32::new(10),
             closed: Notify::new(),
         }
     }
 }
 
 /// Held by the one task that probes the issuer; dropping it lets another probe.
-pub struct ProbeGuard<'a>(&'a Breaker);
+pub(crate) struct ProbeGuard<'a>(&'a Breaker);
 
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
@@ -45,15 +47,10 @@ impl Drop for ProbeGuard<'_> {
 }
 
 impl Breaker {
-    /// Messages in a row whose issue calls failed transiently (budget spent) before the breaker opens.
-    pub fn set_threshold(&self, n: u32) {
-        self.threshold.store(n.max(1), Ordering::Relaxed);
-    }
-
     /// Records what happened to one message and returns the state the disposition table
     /// needs: a refused master token opens the breaker, a transient failure counts toward
     /// opening it, an answer from the issuer closes it.
-    pub fn record(&self, happened: Happened, issuer_answered: bool) -> BreakerState {
+    pub(crate) fn record(&self, happened: Happened, issuer_answered: bool) -> BreakerState {
         match happened {
             Happened::Unauthorized => self.trip("the issuer refuses the master token"),
             Happened::Transient if !self.is_open() => {
@@ -66,7 +63,7 @@ impl Breaker {
     }
 
     /// The state as the disposition table sees it.
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         if !self.is_open() {
             BreakerState::Closed
         } else if self.is_probing() {
@@ -77,7 +74,7 @@ impl Breaker {
     }
 
     /// Whether consumption is paused.
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
     }
 
@@ -90,9 +87,9 @@ impl Breaker {
     }
 
     /// A message whose issue calls failed transiently; returns whether the breaker is open now.
-    pub fn record_transient(&self) -> bool {
+    pub(crate) fn record_transient(&self) -> bool {
         let n = self.consecutive_transient.fetch_add(1, Ordering::AcqRel) + 1;
-        if n >= self.threshold.load(Ordering::Relaxed) {
+        if n >= TRANSIENT_THRESHOLD {
             self.trip("issuer unavailable for many messages in a row");
         }
         self.is_open()
@@ -109,12 +106,12 @@ impl Breaker {
     }
 
     /// Whether some task is probing the issuer right now.
-    pub fn is_probing(&self) -> bool {
+    pub(crate) fn is_probing(&self) -> bool {
         self.probing.load(Ordering::Acquire)
     }
 
     /// Becomes the one prober, unless another task already is.
-    pub fn try_probe(&self) -> Option<ProbeGuard<'_>> {
+    pub(crate) fn try_probe(&self) -> Option<ProbeGuard<'_>> {
         // Not `then_some(ProbeGuard(self))`: that builds the guard eagerly, and dropping
         // the unused guard of a refused caller would end the current probe's turn.
         if self.probing.swap(true, Ordering::AcqRel) {
@@ -125,7 +122,7 @@ impl Breaker {
     }
 
     /// Waits until the breaker is closed.
-    pub async fn wait_closed(&self) {
+    pub(crate) async fn wait_closed(&self) {
         loop {
             let notified = self.closed.notified();
             if !self.is_open() {
@@ -138,7 +135,7 @@ impl Breaker {
 
 /// What the consumer may take next (see [`Breaker::admission`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Take up to this many deliveries.
     Take(usize),
     /// Take nothing now; ask again.
@@ -151,7 +148,7 @@ impl Breaker {
     /// How many deliveries the consumer may take: a whole batch while the breaker is closed;
     /// while it is open, nothing while a probe runs, and one (to become the probe) when none
     /// does (the last one gave up). Waits up to 2 s for the breaker to close first.
-    pub async fn admission(&self, batch_size: usize, shutdown: &CancellationToken) -> Admission {
+    pub(crate) async fn admission(&self, batch_size: usize, shutdown: &CancellationToken) -> Admission {
         if !self.is_open() {
             return Admission::Take(batch_size);
         }
@@ -171,7 +168,7 @@ impl Breaker {
     /// an issuer that refuses us. Holds it until the breaker closes or, when no probe is
     /// running, keeps its first delivery (to become the probe) and hands the rest back.
     /// `false` on shutdown (the held deliveries go back when the channel closes).
-    pub async fn hold_while_open(
+    pub(crate) async fn hold_while_open(
         &self,
         batch: &mut Vec<Inbound>,
         shutdown: &CancellationToken,
@@ -200,9 +197,9 @@ mod tests {
     #[test]
     fn opens_after_the_threshold_and_closes_on_success() {
         let b = Breaker::default();
-        b.set_threshold(3);
-        assert!(!b.record_transient());
-        assert!(!b.record_transient());
+        for _ in 1..TRANSIENT_THRESHOLD {
+            assert!(!b.record_transient());
+        }
         assert!(b.record_transient());
         b.record_success();
         assert!(!b.is_open());

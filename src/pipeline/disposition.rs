@@ -20,7 +20,7 @@ use std::time::Duration;
 
 /// The kinds of dead letter (contract §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadKind {
+pub(crate) enum DeadKind {
     /// Bad input, never retried.
     Invalid,
     /// The issuer refused the request (4xx other than 401/403).
@@ -32,7 +32,7 @@ pub enum DeadKind {
 
 impl DeadKind {
     /// The `x-tt-error-kind` header value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Invalid => "invalid",
             Self::Rejected => "rejected",
@@ -43,7 +43,7 @@ impl DeadKind {
 
 /// What happened to one message, as far as the policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Happened {
+pub(crate) enum Happened {
     /// The tenant has its token; the event is decided.
     Ready,
     /// The message is not a valid request (contract §3).
@@ -65,7 +65,7 @@ pub enum Happened {
 
 /// The breaker as the policy sees it, after the outcome was recorded with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     /// The issuer is taken to work.
     Closed,
     /// Consumption is paused and no delivery is probing the issuer.
@@ -76,7 +76,7 @@ pub enum BreakerState {
 
 /// The retry policy of the process (`MAX_ATTEMPTS`, `RETRY_DELAYS`).
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Deliveries failing with a retryable error before `exhausted`.
     pub max_attempts: u32,
     /// Delays of the retry queues; attempt n waits the n-th, the last one repeating.
@@ -85,7 +85,7 @@ pub struct Policy {
 
 /// What the handler does with a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// Publish the ready event (confirmed), then ack.
     Publish,
     /// Publish a copy to the retry queue of `delay` with `x-tt-attempts = attempts`, then ack.
@@ -112,7 +112,7 @@ pub enum Disposition {
 
 /// The table of the module docs. `attempts` counts earlier deliveries that failed with a
 /// retryable error (`x-tt-attempts`).
-pub fn decide(
+pub(crate) fn decide(
     happened: Happened,
     attempts: u32,
     breaker: BreakerState,

@@ -30,7 +30,7 @@ use crate::ops::health::Health;
 use crate::telemetry::metric;
 
 /// What the batch handler needs; shared by every batch of the process.
-pub struct Context {
+pub(crate) struct Context {
     /// The provisioning step.
     pub provisioner: Provisioner,
     /// Readiness and the breaker.
@@ -92,7 +92,7 @@ impl Fate {
 }
 
 /// Handles a batch: one transaction and one confirm wait for all of it.
-pub async fn handle_batch(ctx: &Context, publisher: &Publisher, batch: Vec<Inbound>) {
+pub(crate) async fn handle_batch(ctx: &Context, publisher: &Publisher, batch: Vec<Inbound>) {
     metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
     let mut valid = Vec::with_capacity(batch.len());
     let mut invalid = Vec::new();

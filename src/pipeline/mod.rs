@@ -6,7 +6,7 @@
 
 pub mod breaker;
 pub mod decode;
-pub mod disposition;
-pub mod handle;
+pub(crate) mod disposition;
+pub(crate) mod handle;
 pub mod provision;
 pub mod worker;

@@ -32,7 +32,7 @@ const PUBLISH_WINDOW: usize = 256;
 
 /// `demo` flags.
 #[derive(clap::Args, Debug, Clone)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
@@ -65,7 +65,7 @@ struct Request {
 }
 
 /// Runs the demo; `Ok(true)` when every check of the summary held.
-pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut out = std::io::stdout();
     writeln!(out, "tenant-tokens demo, run {run_id}")?;

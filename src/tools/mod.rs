@@ -1,6 +1,6 @@
 //! Tools around the worker, for operators and developers; none of them is on the data path.
 
-pub mod demo;
+pub(crate) mod demo;
 pub mod dlq;
 pub mod stub_issuer;
-pub mod token;
+pub(crate) mod token;

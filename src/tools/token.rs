@@ -10,7 +10,7 @@ use crate::domain::{TenantId, rfc3339};
 
 /// `token ...`.
 #[derive(Subcommand, Debug)]
-pub enum TokenCommand {
+pub(crate) enum TokenCommand {
     /// A tenant's stored token: metadata, and the token itself only with --reveal.
     Show {
         /// The tenant id.
@@ -37,7 +37,7 @@ pub enum TokenCommand {
 }
 
 /// Runs a `token` command.
-pub async fn run(command: TokenCommand) -> Result<u8, Failure> {
+pub(crate) async fn run(command: TokenCommand) -> Result<u8, Failure> {
     match command {
         TokenCommand::Show {
             tenant,
