@@ -396,9 +396,6 @@ fn match_events(
         .iter()
         .filter(|s| !s.correlation_id.starts_with(&earlier))
         .collect();
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
-        .map_err(|e| anyhow!("histogram: {e}"))?;
-    let mut extra = 0;
     // A backlog drain starts when the worker does, which may be just before `/readyz` said so.
     let start = if backlog {
         ours.iter()
@@ -408,12 +405,36 @@ fn match_events(
     } else {
         start
     };
-    let mut last = start;
-    let existing_set: HashSet<&str> = existing.iter().map(String::as_str).collect();
-    let mut newly: HashSet<&str> = HashSet::new();
-    let mut wrongly_new = 0;
-    for s in &ours {
-        last = last.max(s.at);
+    let last = ours.iter().map(|s| s.at).fold(start, Instant::max);
+    let (hist, extra) = latencies(&ours, &mut pending)?;
+    let (newly_issued_tenants, wrongly_new) = newly_issued(&ours, existing);
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Matched {
+        events: ours.len(),
+        extra,
+        missing: pending.values().map(VecDeque::len).sum(),
+        newly_issued_tenants,
+        wrongly_new,
+        secs: last.saturating_duration_since(start).as_secs_f64(),
+        latency: Latency {
+            p50_ms: ms(0.5),
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
+            max_ms: hist.max() as f64 / 1000.0,
+        },
+    })
+}
+
+/// Publish → ready latencies (µs) of the events that match a pending request, which they
+/// take out of `pending`; the others are extra events (redeliveries).
+fn latencies(
+    ours: &[&Seen],
+    pending: &mut HashMap<String, VecDeque<Instant>>,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, usize)> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .map_err(|e| anyhow!("histogram: {e}"))?;
+    let mut extra = 0;
+    for s in ours {
         match pending
             .get_mut(s.correlation_id.as_str())
             .and_then(VecDeque::pop_front)
@@ -424,29 +445,24 @@ fn match_events(
             }
             None => extra += 1,
         }
-        if s.newly_issued {
-            if existing_set.contains(s.tenant.as_str()) {
-                wrongly_new += 1;
-            } else {
-                newly.insert(s.tenant.as_str());
-            }
+    }
+    Ok((hist, extra))
+}
+
+/// Distinct tenants reported `newly_issued`, and such events for already provisioned
+/// (`existing`) tenants, which would be wrong.
+fn newly_issued(ours: &[&Seen], existing: &[String]) -> (usize, usize) {
+    let existing: HashSet<&str> = existing.iter().map(String::as_str).collect();
+    let mut newly: HashSet<&str> = HashSet::new();
+    let mut wrongly_new = 0;
+    for s in ours.iter().filter(|s| s.newly_issued) {
+        if existing.contains(s.tenant.as_str()) {
+            wrongly_new += 1;
+        } else {
+            newly.insert(s.tenant.as_str());
         }
     }
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Matched {
-        events: ours.len(),
-        extra,
-        missing: pending.values().map(VecDeque::len).sum(),
-        newly_issued_tenants: newly.len(),
-        wrongly_new,
-        secs: last.saturating_duration_since(start).as_secs_f64(),
-        latency: Latency {
-            p50_ms: ms(0.5),
-            p95_ms: ms(0.95),
-            p99_ms: ms(0.99),
-            max_ms: hist.max() as f64 / 1000.0,
-        },
-    })
+    (newly.len(), wrongly_new)
 }
 
 /// The run's figures and whether its checks held. The issue calls are only checked when the
