@@ -47,10 +47,6 @@ pub(crate) enum Command {
     StubIssuer(crate::tools::stub_issuer::StubArgs),
     /// The whole flow on this machine with the stub issuer, with progress and a summary.
     Demo(crate::tools::demo::DemoArgs),
-    /// Measure the worker (a child process, or --worker-pid) against the stub issuer:
-    /// throughput, latency, RSS, CPU, start-up; vhost `bench` and database
-    /// `tenant_tokens_bench` by default.
-    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// `migrate`.
@@ -155,14 +151,6 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Demo(args) => {
             telemetry::init_tracing(cli.log_format, "warn");
             Ok(if crate::tools::demo::run(args).await? {
-                0
-            } else {
-                1
-            })
-        }
-        Command::Bench(args) => {
-            telemetry::init_tracing(cli.log_format, "warn");
-            Ok(if crate::bench::run(*args).await? {
                 0
             } else {
                 1

@@ -22,7 +22,6 @@
 //!   users of the library, not part of the worker. The benchmark is a workspace member of
 //!   its own (`bench/`).
 
-pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod configuration;

@@ -1,0 +1,117 @@
+//! `tenant-tokens-bench`: the measuring instrument for issue 4 (performance). It is a
+//! workspace member of its own because it measures the worker from outside: the worker is
+//! the `tenant-tokens` binary, started as a child process.
+//!
+//! Against the RabbitMQ and Postgres it is pointed at — by default a dedicated vhost `bench`
+//! (created through the management API when missing) and the database `tenant_tokens_bench`,
+//! so it never disturbs the `/` vhost — one run:
+//!
+//! 1. prepares: vhost, topology and migrations (so the worker starts "with migrations applied");
+//! 2. starts the stub issuer in this process (`--issuer-latency-ms`);
+//! 3. starts the worker as a child process (`tenant-tokens run`, the binary next to this one
+//!    or `--worker-bin`), so its peak RSS (`VmHWM`) and CPU time (`utime + stime`) can be read
+//!    from `/proc` — or, with `--worker-pid`, measures a worker that is already running (start
+//!    it with `ISSUER_URL` pointing at a fixed `--stub-addr` and the same
+//!    `--issuer-master-token`);
+//! 4. binds a collector queue for `tenant.token.ready` before anything is published;
+//! 5. with `--existing M`, provisions M tenants first (not measured);
+//! 6. publishes N `tenant.created` (`-n`), K duplicates (`--duplicates`, same message id) and
+//!    M `extension.requested` for the tenants of step 5, shuffled: as fast as the broker takes
+//!    them, paced at `--rate R` msgs/s, or (`--backlog`) all of them before the worker starts;
+//! 7. waits for one ready event per published request (with a deadline, and a clear error when
+//!    events stop coming), then measures the worker's idle CPU for `--idle`.
+//!
+//! It reports throughput (first publish → last ready event; in backlog mode worker ready →
+//! last ready event), publish→ready latency percentiles (an event is matched to its request by
+//! its `correlation_id`, the request's `message_id`), issue calls (stub counters), missing and
+//! extra events, the worker's peak RSS, CPU seconds, idle CPU and start-up time, plus what the
+//! broker, Postgres and everything else on the machine used meanwhile (the noise). `--runs`
+//! repeats the whole thing and reports medians. The exit status is 1 when a correctness check
+//! failed (a missing event, a wrong number of issue calls or of `newly_issued` events) or the
+//! bench failed, 2 for a usage error.
+//!
+//! Layout: [`args`] (flags), [`run`] (one run, step by step), [`worker`] (the worker process),
+//! [`collector`] (ready events), [`publish`] (requests), [`metrics`] (the worker's
+//! `/metrics`), [`procfs`] (CPU and memory from `/proc`), [`vhost`] (management API),
+//! [`report`] (figures, medians, table).
+
+mod args;
+mod collector;
+mod metrics;
+mod procfs;
+mod publish;
+mod report;
+mod run;
+mod vhost;
+mod worker;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use crate::args::BenchArgs;
+use crate::report::{Report, print_table, progress_line};
+use crate::run::{Env, one_run};
+
+fn main() -> ExitCode {
+    let args = match BenchArgs::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tenant_tokens::telemetry::init_tracing(args.log_format, "warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(bench(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the bench; `Ok(true)` when every correctness check held.
+async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
+    args.validate()?;
+    let mut err = std::io::stderr();
+    let env = Env::prepare(&args).await?;
+    let mut runs = Vec::new();
+    for i in 0..args.runs {
+        if args.runs > 1 {
+            writeln!(err, "run {}/{}", i + 1, args.runs)?;
+        }
+        let report = one_run(&args, &env)
+            .await
+            .with_context(|| format!("run {}", i + 1))?;
+        progress_line(&mut err, &report)?;
+        runs.push(report);
+    }
+    let _ = env.conn.close(200, "bench done".into()).await;
+    let report = Report::new(&args, runs);
+    let ok = report.median.ok;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut out = std::io::stdout();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        print_table(&mut out, &args, &report)?;
+    }
+    Ok(ok)
+}
