@@ -70,7 +70,7 @@ pub(crate) struct Failure {
 
 impl Failure {
     /// A failure that exits with `code`.
-    pub(crate) fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
         Self {
             code,
             error: error.into(),

@@ -13,9 +13,9 @@ use crate::domain::NamingStrategy;
 use crate::issuer::{IssuerSettings, Restrictions, RetryPolicy};
 
 /// The broker default of the contract: RabbitMQ on localhost, vhost `/`.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The database default of the contract.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tenant_tokens";
+pub(crate) const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tenant_tokens";
 
 /// A configuration error: exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ pub struct KeyArgs {
 
 impl KeyArgs {
     /// The cipher, or the error that tells how to make a key.
-    pub fn cipher(&self) -> Result<TokenCipher, ConfigError> {
+    pub(crate) fn cipher(&self) -> Result<TokenCipher, ConfigError> {
         let text = secret_value(
             self.token_encryption_key.as_ref().map(SecretArg::expose),
             self.token_encryption_key_file.as_ref(),

@@ -38,7 +38,7 @@ pub struct EncryptionKey(SecretSlice<u8>);
 
 impl EncryptionKey {
     /// Parses base64 (standard or URL-safe, padding optional) of exactly 32 bytes.
-    pub fn from_base64(text: &str) -> Result<Self, CryptoError> {
+    pub(crate) fn from_base64(text: &str) -> Result<Self, CryptoError> {
         let t = text.trim();
         let engines = [
             base64::engine::general_purpose::STANDARD,
@@ -72,7 +72,7 @@ impl EncryptionKey {
     }
 
     /// The key's public id: 16 hex characters of a domain-separated SHA-256 of the key.
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         let mut h = Sha256::new();
         h.update(b"tenant-tokens key id v1\0");
         h.update(self.0.expose_secret());
@@ -96,7 +96,7 @@ impl std::fmt::Debug for TokenCipher {
 
 /// A token as stored: key id and `nonce || ciphertext+tag`.
 #[derive(Debug, Clone)]
-pub struct Sealed {
+pub(crate) struct Sealed {
     /// Id of the key that sealed it.
     pub key_id: String,
     /// Nonce followed by the AES-GCM output.
@@ -118,13 +118,8 @@ impl TokenCipher {
         })
     }
 
-    /// The id of the key new tokens are sealed with.
-    pub fn current_key_id(&self) -> &str {
-        &self.current_id
-    }
-
     /// Seals a tenant's token.
-    pub fn seal(&self, tenant: &TenantId, token: &TenantToken) -> Sealed {
+    pub(crate) fn seal(&self, tenant: &TenantId, token: &TenantToken) -> Sealed {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let (_, aead) = &self.keys[0];
@@ -145,7 +140,11 @@ impl TokenCipher {
     }
 
     /// Opens a stored token of `tenant`.
-    pub fn open(&self, tenant: &TenantId, sealed: &Sealed) -> Result<TenantToken, CryptoError> {
+    pub(crate) fn open(
+        &self,
+        tenant: &TenantId,
+        sealed: &Sealed,
+    ) -> Result<TenantToken, CryptoError> {
         let (_, aead) = self
             .keys
             .iter()

@@ -51,7 +51,7 @@ pub enum IssuerError {
 
 impl IssuerError {
     /// Whether another try may succeed.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, Self::Transient { .. })
     }
 }
@@ -67,7 +67,7 @@ pub struct Restrictions {
 impl Restrictions {
     /// Parses `ISSUER_RESTRICTIONS`: a JSON object of webtask restrictions, e.g.
     /// `{"dd":0,"exp":86400}` (`exp` and `nbf` in seconds from now). `ten` is the worker's.
-    pub fn parse(json: &str) -> Result<Self, String> {
+    pub(crate) fn parse(json: &str) -> Result<Self, String> {
         if json.trim().is_empty() {
             return Ok(Self::default());
         }
@@ -204,7 +204,7 @@ impl IssuerClient {
 
     /// The `Idempotency-Key` of a tenant's provisioning: derived from tenant and container,
     /// so a retry after a crash asks for exactly the same thing.
-    pub fn idempotency_key(tenant: &TenantId, container: &ContainerName) -> String {
+    pub(crate) fn idempotency_key(tenant: &TenantId, container: &ContainerName) -> String {
         let mut h = <sha2::Sha256 as sha2::Digest>::new();
         sha2::Digest::update(&mut h, tenant.as_str().as_bytes());
         sha2::Digest::update(&mut h, [0]);
@@ -213,7 +213,7 @@ impl IssuerClient {
     }
 
     /// Issues a token for `container`, retrying transient failures within the budget.
-    pub async fn issue(
+    pub(crate) async fn issue(
         &self,
         tenant: &TenantId,
         container: &ContainerName,
@@ -249,7 +249,7 @@ impl IssuerClient {
     }
 
     /// One HTTP request, classified.
-    pub async fn issue_once(
+    pub(crate) async fn issue_once(
         &self,
         container: &ContainerName,
         idempotency_key: &str,

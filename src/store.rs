@@ -61,7 +61,7 @@ impl StoreError {
 /// from its first read to its commit, plus one for the short statements that run beside them
 /// (the journal of issued tokens, committed on its own while a batch's transaction is open,
 /// and pruning). No batch can wait on another for a connection: at most `batches` hold one.
-pub fn pool_size_for(batches: u32) -> u32 {
+pub(crate) fn pool_size_for(batches: u32) -> u32 {
     batches.max(1) + 1
 }
 
@@ -73,7 +73,7 @@ pub struct Store {
 
 /// A tenant's row as the engine needs it.
 #[derive(Debug, Clone)]
-pub struct TenantRow {
+pub(crate) struct TenantRow {
     /// The tenant.
     pub tenant_id: String,
     /// Its container, fixed once stored.
@@ -84,7 +84,7 @@ pub struct TenantRow {
 
 /// What is stored of a token.
 #[derive(Debug, Clone)]
-pub struct StoredToken {
+pub(crate) struct StoredToken {
     /// Public fingerprint.
     pub fingerprint: String,
     /// When it was stored.
@@ -96,7 +96,7 @@ pub struct StoredToken {
 }
 
 /// A token to store for a claimed tenant.
-pub struct NewToken {
+pub(crate) struct NewToken {
     /// The tenant.
     pub tenant_id: String,
     /// The encrypted token.
@@ -108,7 +108,7 @@ pub struct NewToken {
 }
 
 /// A handled request to record.
-pub struct NewRequest {
+pub(crate) struct NewRequest {
     /// Message identity.
     pub request_id: String,
     /// The tenant.
@@ -157,7 +157,7 @@ impl Store {
     }
 
     /// A tenant's row with its ciphertext (`token show`).
-    pub async fn tenant(&self, tenant_id: &str) -> Result<Option<TenantRow>, StoreError> {
+    pub(crate) async fn tenant(&self, tenant_id: &str) -> Result<Option<TenantRow>, StoreError> {
         let rows = provisioned_or_not(
             &mut *self.pool.acquire().await?,
             &[tenant_id.to_owned()],
@@ -170,7 +170,7 @@ impl Store {
 }
 
 /// An issued token as journaled (fingerprint and `jti` only, never the token).
-pub struct IssuedToken {
+pub(crate) struct IssuedToken {
     /// The tenant.
     pub tenant_id: String,
     /// Its container.
@@ -185,7 +185,10 @@ pub struct IssuedToken {
 /// them, so a token whose storing never commits can still be found and revoked
 /// (`orphaned_tokens`). Asynchronous commit: this guards against the worker dying, and costs
 /// no extra disk flush.
-pub async fn journal_issued(pool: &PgPool, tokens: &[IssuedToken]) -> Result<(), StoreError> {
+pub(crate) async fn journal_issued(
+    pool: &PgPool,
+    tokens: &[IssuedToken],
+) -> Result<(), StoreError> {
     if tokens.is_empty() {
         return Ok(());
     }
@@ -221,7 +224,7 @@ pub async fn journal_issued(pool: &PgPool, tokens: &[IssuedToken]) -> Result<(),
 }
 
 /// Issued tokens that never became a tenant's stored token (for revocation).
-pub async fn orphaned_tokens(
+pub(crate) async fn orphaned_tokens(
     pool: &PgPool,
 ) -> Result<Vec<(IssuedToken, OffsetDateTime)>, StoreError> {
     let rows = sqlx::query(
@@ -247,7 +250,7 @@ pub async fn orphaned_tokens(
 
 /// One read for a batch: the stored events of requests already handled (by request id) and
 /// the tenants among `tenant_ids` whose token is committed. No lock: neither ever changes.
-pub async fn lookup(
+pub(crate) async fn lookup(
     conn: &mut PgConnection,
     request_ids: &[String],
     tenant_ids: &[String],
@@ -287,7 +290,7 @@ pub async fn lookup(
 
 /// Forgets handled requests older than `retention`; returns how many. A redelivery older
 /// than that is handled as a new request (same event id, `newly_issued: false`).
-pub async fn prune_requests(pool: &PgPool, retention: Duration) -> Result<u64, StoreError> {
+pub(crate) async fn prune_requests(pool: &PgPool, retention: Duration) -> Result<u64, StoreError> {
     let done =
         sqlx::query("DELETE FROM requests WHERE handled_at < now() - make_interval(secs => $1)")
             .bind(retention.as_secs_f64())
@@ -297,7 +300,7 @@ pub async fn prune_requests(pool: &PgPool, retention: Duration) -> Result<u64, S
 }
 
 /// Stored events of requests already handled, by request id.
-pub async fn known_requests(
+pub(crate) async fn known_requests(
     tx: &mut PgConnection,
     ids: &[String],
 ) -> Result<HashMap<String, String>, StoreError> {
@@ -362,7 +365,7 @@ fn row_from(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
 /// the transaction ends. Returns the rows as stored (an existing container wins; a token that
 /// another worker committed meanwhile is returned, and then no issue call is needed), and the
 /// transaction's `now()`, which [`store_and_record`] stores as `issued_at`.
-pub async fn claim(
+pub(crate) async fn claim(
     tx: &mut PgConnection,
     claims: &[(String, String, Option<String>)],
     with_ciphertext: bool,
@@ -396,7 +399,7 @@ pub async fn claim(
 /// transaction's start time) and records handled requests with their events. Returns how
 /// many tokens were stored, and the stored event of every request whose id was already
 /// recorded (by a concurrent worker), which then wins.
-pub async fn store_and_record(
+pub(crate) async fn store_and_record(
     tx: &mut PgConnection,
     tokens: &[NewToken],
     requests: &[NewRequest],
@@ -450,7 +453,7 @@ pub async fn store_and_record(
 /// Records handled requests with their events, in request-id order (like claims, so that two
 /// batches inserting the same ids cannot deadlock). Returns the stored event of every request
 /// whose id was already recorded (by a concurrent worker), which then wins.
-pub async fn record_requests(
+pub(crate) async fn record_requests(
     tx: &mut PgConnection,
     requests: &[NewRequest],
 ) -> Result<HashMap<String, String>, StoreError> {

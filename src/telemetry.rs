@@ -8,25 +8,25 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 /// Stable metric names of contract §8 (dashboards and alerts depend on them).
 pub mod metric {
     /// Deliveries taken from the requests queue, by `routing_key`.
-    pub const DELIVERIES: &str = "tenant_tokens_deliveries_total";
+    pub(crate) const DELIVERIES: &str = "tenant_tokens_deliveries_total";
     /// What became of requests, by `outcome`.
-    pub const OUTCOMES: &str = "tenant_tokens_outcomes_total";
+    pub(crate) const OUTCOMES: &str = "tenant_tokens_outcomes_total";
     /// Issue calls, by `status` class.
-    pub const ISSUER_REQUESTS: &str = "tenant_tokens_issuer_requests_total";
+    pub(crate) const ISSUER_REQUESTS: &str = "tenant_tokens_issuer_requests_total";
     /// Issue call latency.
-    pub const ISSUER_DURATION: &str = "tenant_tokens_issuer_request_duration_seconds";
+    pub(crate) const ISSUER_DURATION: &str = "tenant_tokens_issuer_request_duration_seconds";
     /// Time from delivery to ack.
-    pub const HANDLE_DURATION: &str = "tenant_tokens_handle_duration_seconds";
+    pub(crate) const HANDLE_DURATION: &str = "tenant_tokens_handle_duration_seconds";
     /// Deliveries being handled.
-    pub const IN_FLIGHT: &str = "tenant_tokens_in_flight";
+    pub(crate) const IN_FLIGHT: &str = "tenant_tokens_in_flight";
     /// 1 while consumption is paused by the issuer breaker.
-    pub const BREAKER_OPEN: &str = "tenant_tokens_breaker_open";
+    pub(crate) const BREAKER_OPEN: &str = "tenant_tokens_breaker_open";
     /// Messages in `tenant-tokens.dead`.
-    pub const DEAD_LETTERS: &str = "tenant_tokens_dead_letters";
+    pub(crate) const DEAD_LETTERS: &str = "tenant_tokens_dead_letters";
     /// Tokens stored.
-    pub const TOKENS_ISSUED: &str = "tenant_tokens_tokens_issued_total";
+    pub(crate) const TOKENS_ISSUED: &str = "tenant_tokens_tokens_issued_total";
     /// Batches handled, by size (extra: shows how well batching works).
-    pub const BATCH_SIZE: &str = "tenant_tokens_batch_size";
+    pub(crate) const BATCH_SIZE: &str = "tenant_tokens_batch_size";
 }
 
 /// How logs are written (`LOG_FORMAT`).
@@ -65,7 +65,7 @@ pub fn init_tracing(format: LogFormat, default_level: &str) {
 }
 
 /// The process-wide Prometheus recorder, installed on first use.
-pub fn metrics_handle() -> &'static PrometheusHandle {
+pub(crate) fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let buckets = [
@@ -123,11 +123,11 @@ pub fn describe_metrics() {
 /// it is dropped, whichever way that happens (settled, handed back, or its task aborted at the
 /// end of the shutdown grace), so the gauge never keeps counting messages that are gone.
 #[derive(Debug)]
-pub struct InFlight(());
+pub(crate) struct InFlight(());
 
 impl InFlight {
     /// Counts one more message in flight.
-    pub fn enter() -> Self {
+    pub(crate) fn enter() -> Self {
         metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
         Self(())
     }

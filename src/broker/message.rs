@@ -3,9 +3,6 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
-use super::topology::headers;
-use crate::pipeline::decode::Envelope;
-
 /// A header's value as text, for string-typed headers.
 pub fn header_str<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a str> {
     table_str(props.headers().as_ref()?, name)
@@ -16,25 +13,8 @@ pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
     u32::try_from(table_int(props.headers().as_ref()?, name)?).ok()
 }
 
-/// The routing key a request was first published with: the delivery's own, unless the
-/// message came back through a retry queue, which keeps the original in a header.
-pub fn original_routing_key<'a>(routing_key: &'a str, props: &'a BasicProperties) -> &'a str {
-    header_str(props, headers::ORIGINAL_ROUTING_KEY).unwrap_or(routing_key)
-}
-
-/// What the decoder needs of a delivery.
-pub fn envelope<'a>(routing_key: &'a str, props: &'a BasicProperties) -> Envelope<'a> {
-    Envelope {
-        routing_key: original_routing_key(routing_key, props),
-        message_id: props.message_id().as_ref().map(ShortString::as_str),
-        correlation_id: props.correlation_id().as_ref().map(ShortString::as_str),
-        content_type: props.content_type().as_ref().map(ShortString::as_str),
-        traceparent: header_str(props, headers::TRACEPARENT),
-    }
-}
-
 /// A copy of `props` whose headers are changed by `edit`.
-pub fn with_headers(
+pub(crate) fn with_headers(
     props: &BasicProperties,
     edit: impl FnOnce(&mut FieldTable),
 ) -> BasicProperties {
@@ -44,12 +24,12 @@ pub fn with_headers(
 }
 
 /// A long-string header value.
-pub fn text(s: &str) -> AMQPValue {
+pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.
-pub fn cut(s: &str, max: usize) -> &str {
+pub(crate) fn cut(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -62,18 +42,18 @@ pub fn cut(s: &str, max: usize) -> &str {
 
 /// A field of `table` as text, for string-typed fields: the one reader of text headers, also
 /// for tables nested in headers (RabbitMQ's `x-death` entries) that [`header_str`] cannot reach.
-pub fn table_str<'a>(table: &'a FieldTable, name: &str) -> Option<&'a str> {
+pub(crate) fn table_str<'a>(table: &'a FieldTable, name: &str) -> Option<&'a str> {
     value_str(table.inner().get(&ShortString::from(name))?)
 }
 
 /// A field of `table` as a number, whatever integer type the publisher chose (a timestamp, or
 /// a decimal string, counts too): the one reader of numeric headers, nested tables included.
-pub fn table_int(table: &FieldTable, name: &str) -> Option<i64> {
+pub(crate) fn table_int(table: &FieldTable, name: &str) -> Option<i64> {
     value_int(table.inner().get(&ShortString::from(name))?)
 }
 
 /// A header value as text when it is a (UTF-8) string.
-pub fn value_str(value: &AMQPValue) -> Option<&str> {
+pub(crate) fn value_str(value: &AMQPValue) -> Option<&str> {
     match value {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         AMQPValue::ShortString(s) => Some(s.as_str()),
@@ -82,7 +62,7 @@ pub fn value_str(value: &AMQPValue) -> Option<&str> {
 }
 
 /// A header value as a number when it is an integer, a timestamp or a decimal string.
-pub fn value_int(value: &AMQPValue) -> Option<i64> {
+pub(crate) fn value_int(value: &AMQPValue) -> Option<i64> {
     match value {
         AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
         AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
@@ -106,17 +86,11 @@ mod tests {
         t.insert("a".into(), AMQPValue::LongLongInt(3));
         t.insert("b".into(), AMQPValue::ShortShortUInt(4));
         t.insert("c".into(), text("5"));
-        t.insert(headers::ORIGINAL_ROUTING_KEY.into(), text("tenant.created"));
         let p = BasicProperties::default().with_headers(t);
         assert_eq!(header_u32(&p, "a"), Some(3));
         assert_eq!(header_u32(&p, "b"), Some(4));
         assert_eq!(header_u32(&p, "c"), Some(5));
         assert_eq!(header_u32(&p, "d"), None);
-        assert_eq!(
-            original_routing_key("tenant-tokens.requests", &p),
-            "tenant.created"
-        );
-        assert_eq!(original_routing_key("x", &BasicProperties::default()), "x");
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Publisher {
     }
 
     /// Whether the channel can still publish; a closed one ends the broker session.
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.channel.status().connected()
     }
 

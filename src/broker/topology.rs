@@ -22,7 +22,7 @@ pub const DEAD_LETTER_EXCHANGE: &str = "tenant-tokens.dlx";
 /// The dead-letter queue operators watch.
 pub const DEAD_LETTER_QUEUE: &str = "tenant-tokens.dead";
 /// Prefix of the delayed-retry queues (`tenant-tokens.retry.5s`, …).
-pub const RETRY_QUEUE_PREFIX: &str = "tenant-tokens.retry.";
+pub(crate) const RETRY_QUEUE_PREFIX: &str = "tenant-tokens.retry.";
 
 /// Routing key of eager provisioning requests.
 pub const TENANT_CREATED: &str = "tenant.created";
@@ -34,7 +34,7 @@ pub const TOKEN_READY: &str = "tenant.token.ready";
 /// Broker-side safety net: a message redelivered this many times (for example because it
 /// crashes the process every time) is dead-lettered by RabbitMQ itself. The worker's own
 /// attempt count (`x-tt-attempts`, see `MAX_ATTEMPTS`) is what normally ends retries.
-pub const DELIVERY_LIMIT: i64 = 50;
+pub(crate) const DELIVERY_LIMIT: i64 = 50;
 
 /// Headers the worker sets on dead letters (§2) and on retried or replayed messages.
 pub mod headers {
@@ -53,9 +53,9 @@ pub mod headers {
     /// Set by `dlq replay` on the republished copy.
     pub const REPLAYED_AT: &str = "x-tt-replayed-at";
     /// W3C trace context.
-    pub const TRACEPARENT: &str = "traceparent";
+    pub(crate) const TRACEPARENT: &str = "traceparent";
     /// Copy of the triggering message's `correlation_id` on the outgoing event.
-    pub const REQUEST_CORRELATION_ID: &str = "x-request-correlation-id";
+    pub(crate) const REQUEST_CORRELATION_ID: &str = "x-request-correlation-id";
 }
 
 /// The name of the retry queue that holds messages for `delay`.
@@ -170,7 +170,7 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
 }
 
 /// Messages in `tenant-tokens.dead` (a passive declare: creates nothing).
-pub async fn dead_letter_count(ch: &Channel) -> Result<u32, lapin::Error> {
+pub(crate) async fn dead_letter_count(ch: &Channel) -> Result<u32, lapin::Error> {
     let q = ch
         .queue_declare(
             DEAD_LETTER_QUEUE.into(),

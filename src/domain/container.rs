@@ -10,10 +10,10 @@ pub struct ContainerName(String);
 
 impl ContainerName {
     /// The longest name a container may have.
-    pub const MAX_LEN: usize = 63;
+    pub(crate) const MAX_LEN: usize = 63;
 
     /// Validates a stored or configured container name.
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
         let ok = !raw.is_empty()
             && raw.len() <= Self::MAX_LEN
             && raw
@@ -30,12 +30,12 @@ impl ContainerName {
     }
 
     /// A name read back from our own database, where only parsed names are written.
-    pub fn from_stored(s: String) -> Self {
+    pub(crate) fn from_stored(s: String) -> Self {
         Self(s)
     }
 
     /// The name as text.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -63,7 +63,7 @@ const DIGEST_HEX: usize = 8;
 
 impl NamingStrategy {
     /// The container name for a tenant that has none yet.
-    pub fn name(self, id: &TenantId, name: Option<&TenantName>) -> ContainerName {
+    pub(crate) fn name(self, id: &TenantId, name: Option<&TenantName>) -> ContainerName {
         match self {
             Self::Derived => derived(id, name),
             Self::Random => ContainerName(format!(

@@ -29,7 +29,7 @@ pub struct ReadyEvent {
 }
 
 /// RFC 3339 in UTC with microseconds (Postgres' precision), e.g. `2026-11-29T12:00:00.123456Z`.
-pub fn rfc3339(t: time::OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
@@ -39,6 +39,6 @@ pub fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 /// Now, as [`rfc3339`].
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }

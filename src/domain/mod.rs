@@ -7,7 +7,8 @@ mod tenant;
 mod token;
 
 pub use container::{ContainerName, NamingStrategy};
-pub use event::{ReadyEvent, now_rfc3339, rfc3339};
+pub use event::ReadyEvent;
+pub(crate) use event::{now_rfc3339, rfc3339};
 pub use request::{MessageIdentity, ProvisionRequest, Trigger};
 pub use tenant::{TenantId, TenantName};
 pub use token::{TenantToken, TokenFingerprint};

@@ -16,7 +16,7 @@ pub enum Trigger {
 
 impl Trigger {
     /// Parses a routing key; `None` for keys the worker does not handle.
-    pub fn from_routing_key(key: &str) -> Option<Self> {
+    pub(crate) fn from_routing_key(key: &str) -> Option<Self> {
         match key {
             crate::broker::topology::TENANT_CREATED => Some(Self::TenantCreated),
             crate::broker::topology::EXTENSION_REQUESTED => Some(Self::ExtensionRequested),
@@ -25,7 +25,7 @@ impl Trigger {
     }
 
     /// The routing key, as carried in the ready event's `trigger`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::TenantCreated => crate::broker::topology::TENANT_CREATED,
             Self::ExtensionRequested => crate::broker::topology::EXTENSION_REQUESTED,
@@ -47,7 +47,7 @@ impl MessageIdentity {
     const MAX_LEN: usize = 256;
 
     /// An identity given by the producer (`message_id` or CloudEvents `id`).
-    pub fn given(id: &str) -> Option<Self> {
+    pub(crate) fn given(id: &str) -> Option<Self> {
         let id = id.trim();
         if id.is_empty() {
             None
@@ -62,7 +62,7 @@ impl MessageIdentity {
     }
 
     /// The identity of a message without one: a digest of its routing key and body.
-    pub fn digest(routing_key: &str, body: &[u8]) -> Self {
+    pub(crate) fn digest(routing_key: &str, body: &[u8]) -> Self {
         let mut h = Sha256::new();
         h.update(routing_key.as_bytes());
         h.update([0]);
@@ -70,18 +70,13 @@ impl MessageIdentity {
         Self(format!("sha256:{}", hex::encode(h.finalize())))
     }
 
-    /// A stored identity.
-    pub fn from_stored(s: String) -> Self {
-        Self(s)
-    }
-
     /// The identity as text.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The ready event's id: a UUID v5 of the identity, the same for every redelivery.
-    pub fn event_id(&self) -> Uuid {
+    pub(crate) fn event_id(&self) -> Uuid {
         Uuid::new_v5(&EVENT_NAMESPACE, self.0.as_bytes())
     }
 }

@@ -8,7 +8,7 @@ pub struct TenantId(String);
 
 impl TenantId {
     /// The longest id the contract allows.
-    pub const MAX_LEN: usize = 128;
+    pub(crate) const MAX_LEN: usize = 128;
 
     /// Validates `raw` as a tenant id; the error says what is wrong, without echoing long input.
     ///
@@ -17,7 +17,7 @@ impl TenantId {
     /// assert_eq!(TenantId::parse("acme-42").map(|t| t.to_string()), Ok("acme-42".to_owned()));
     /// assert!(TenantId::parse("-acme").is_err());
     /// ```
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
         if raw.is_empty() {
             return Err("tenant_id is empty".into());
         }
@@ -40,7 +40,7 @@ impl TenantId {
     }
 
     /// The id as text.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -62,10 +62,10 @@ pub struct TenantName(String);
 
 impl TenantName {
     /// The longest name the contract allows.
-    pub const MAX_LEN: usize = 256;
+    pub(crate) const MAX_LEN: usize = 256;
 
     /// Validates the length of a tenant name and drops what Postgres cannot store (U+0000).
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
         if raw.chars().count() > Self::MAX_LEN {
             return Err(format!(
                 "tenant_name is longer than {} characters",
@@ -76,7 +76,7 @@ impl TenantName {
     }
 
     /// The name as text.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

@@ -20,17 +20,17 @@ pub struct Health {
 
 impl Health {
     /// Records whether the consumer is attached to a live connection.
-    pub fn set_broker(&self, up: bool) {
+    pub(crate) fn set_broker(&self, up: bool) {
         self.broker.store(up, Ordering::Relaxed);
     }
 
     /// Records whether the last database use worked.
-    pub fn set_database(&self, up: bool) {
+    pub(crate) fn set_database(&self, up: bool) {
         self.database.store(up, Ordering::Relaxed);
     }
 
     /// Marks the process as shutting down (no longer ready).
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 

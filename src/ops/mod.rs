@@ -18,7 +18,7 @@ use self::health::Health;
 use crate::telemetry;
 
 /// The router, separate from the listener so tests can serve it anywhere.
-pub fn router(health: Arc<Health>) -> Router {
+pub(crate) fn router(health: Arc<Health>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -148,7 +148,11 @@ impl Breaker {
     /// How many deliveries the consumer may take: a whole batch while the breaker is closed;
     /// while it is open, nothing while a probe runs, and one (to become the probe) when none
     /// does (the last one gave up). Waits up to 2 s for the breaker to close first.
-    pub(crate) async fn admission(&self, batch_size: usize, shutdown: &CancellationToken) -> Admission {
+    pub(crate) async fn admission(
+        &self,
+        batch_size: usize,
+        shutdown: &CancellationToken,
+    ) -> Admission {
         if !self.is_open() {
             return Admission::Take(batch_size);
         }

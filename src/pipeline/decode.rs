@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::domain::{MessageIdentity, ProvisionRequest, TenantId, TenantName, Trigger};
 
 /// The largest body the worker reads.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// What the decoder needs of a delivery, independent of the AMQP client.
 #[derive(Debug, Clone, Default)]

@@ -65,7 +65,7 @@ struct Request {
 }
 
 /// Runs the demo; `Ok(true)` when every check of the summary held.
-pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<bool> {
+pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut out = std::io::stdout();
     writeln!(out, "tenant-tokens demo, run {run_id}")?;

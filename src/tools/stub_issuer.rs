@@ -141,7 +141,7 @@ fn parse_probability(s: &str) -> Result<f64, String> {
 impl StubArgs {
     /// Validates the arguments and resolves the master token (reading and trimming
     /// `--master-token-file` if given), so [`run`] and embedders share one path.
-    pub fn into_config(self) -> anyhow::Result<(SocketAddr, StubConfig)> {
+    pub(crate) fn into_config(self) -> anyhow::Result<(SocketAddr, StubConfig)> {
         let token = match (&self.master_token, &self.master_token_file) {
             (_, Some(path)) => std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read master token file {}", path.display()))?,
@@ -302,11 +302,6 @@ impl StubIssuer {
             cancel,
             task,
         })
-    }
-
-    /// The bound address (with the real port when started on port 0).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// Base URL for `ISSUER_URL`, e.g. `http://127.0.0.1:9401`. A wildcard listen

@@ -37,7 +37,7 @@ pub(crate) enum TokenCommand {
 }
 
 /// Runs a `token` command.
-pub(crate) async fn run(command: TokenCommand) -> Result<u8, Failure> {
+pub async fn run(command: TokenCommand) -> Result<u8, Failure> {
     match command {
         TokenCommand::Show {
             tenant,
