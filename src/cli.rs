@@ -63,7 +63,7 @@ pub(crate) struct MigrateArgs {
 
 /// A command's failure with its exit status.
 #[derive(Debug)]
-pub(crate) struct Failure {
+pub struct Failure {
     code: u8,
     error: anyhow::Error,
 }
@@ -92,8 +92,20 @@ impl From<anyhow::Error> for Failure {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+    main_with(dispatch)
+}
+
+/// The `main` of every binary of the workspace: parses the command line as `P` (usage errors
+/// exit 2, `--help` 0), runs `command` on a multi-threaded runtime, and turns its result into
+/// the exit status, printing a failure on stderr.
+pub fn main_with<P, F, Fut>(command: F) -> ExitCode
+where
+    P: Parser,
+    F: FnOnce(P) -> Fut,
+    Fut: std::future::Future<Output = Result<u8, Failure>>,
+{
+    let args = match P::try_parse() {
+        Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
@@ -109,7 +121,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(command(args)) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             eprintln!("error: {:#}", f.error);

@@ -9,39 +9,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use sqlx::Connection as _;
 use support::{Collector, Producer, TestEnv, fake_jwt, tenant};
-use wiremock::matchers::{header, method, path};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::{MockServer, Request};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Answers like the issuer: a JWT for the requested container, a new `jti` each call.
-struct Issue {
-    delay: Duration,
-}
-
-impl Respond for Issue {
-    fn respond(&self, req: &Request) -> ResponseTemplate {
-        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
-        let ten = body["ten"].as_str().unwrap_or("missing");
-        let jti = uuid::Uuid::new_v4().simple().to_string();
-        ResponseTemplate::new(200)
-            .set_body_string(format!("{}\n", fake_jwt(ten, &jti)))
-            .set_delay(self.delay)
-    }
-}
-
 async fn issuer(delay: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/tokens/issue"))
-        .and(header(
-            "authorization",
-            format!("Bearer {}", support::MASTER_TOKEN).as_str(),
-        ))
-        .respond_with(Issue { delay })
-        .mount(&server)
-        .await;
-    server
+    support::wiremock_issuer(delay).await
 }
 
 /// The usual test set-up: an environment, an issuer, a ready-event collector bound before

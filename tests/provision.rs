@@ -7,43 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{TestEnv, fake_jwt, tenant};
+use support::{TestEnv, tenant};
 use tenant_tokens::domain::ProvisionRequest;
 use tenant_tokens::issuer::{IssuerClient, IssuerError};
 use tenant_tokens::pipeline::decode::{Envelope, decode};
 use tenant_tokens::pipeline::provision::{Outcome, Provisioner};
 use tenant_tokens::store::Store;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
-
-/// Answers like the issuer, with a new `jti` each call; refuses (400) containers whose name
-/// starts with `reject`.
-struct Issue {
-    delay: Duration,
-}
-
-impl Respond for Issue {
-    fn respond(&self, req: &Request) -> ResponseTemplate {
-        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
-        let ten = body["ten"].as_str().unwrap_or("missing");
-        if ten.starts_with("reject") {
-            return ResponseTemplate::new(400).set_body_string("container name not allowed");
-        }
-        let jti = uuid::Uuid::new_v4().simple().to_string();
-        ResponseTemplate::new(200)
-            .set_body_string(fake_jwt(ten, &jti))
-            .set_delay(self.delay)
-    }
-}
+use wiremock::MockServer;
 
 async fn issuer(delay: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/tokens/issue"))
-        .respond_with(Issue { delay })
-        .mount(&server)
-        .await;
-    server
+    support::wiremock_issuer(delay).await
 }
 
 async fn issue_calls(server: &MockServer) -> usize {

@@ -49,39 +49,19 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 
 use crate::args::BenchArgs;
 use crate::report::{Report, print_table, progress_line};
 use crate::run::{Env, one_run};
 
 fn main() -> ExitCode {
-    let args = match BenchArgs::try_parse() {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    tenant_tokens::cli::main_with(|args: BenchArgs| async move {
+        tenant_tokens::telemetry::init_tracing(args.log_format, "warn");
+        match bench(args).await {
+            Ok(all_checks_held) => Ok(if all_checks_held { 0 } else { 1 }),
+            Err(e) => Err(tenant_tokens::cli::Failure::new(1, e)),
         }
-    };
-    tenant_tokens::telemetry::init_tracing(args.log_format, "warn");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(bench(args)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    })
 }
 
 /// Runs the bench; `Ok(true)` when every correctness check held.

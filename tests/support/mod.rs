@@ -28,7 +28,7 @@ pub use self::{
     audit::{Audit, audit, tenants_with_events, wait_for_tenants},
     broker::{Collector, Producer, Received},
     env::{TestEnv, install_poison_trigger},
-    issuer::{MASTER_TOKEN, stub_in_flight, stub_issuer},
+    issuer::{Issue, MASTER_TOKEN, stub_in_flight, stub_issuer, wiremock_issuer},
     proxy::TcpProxy,
     util::{eventually, fake_jwt, free_local_addr, tenant},
     workers::{ChildWorker, WorkerHandle, test_key, worker_binary},
