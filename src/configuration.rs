@@ -148,6 +148,15 @@ pub struct RunArgs {
     /// Time one message may spend retrying the issue call before delayed redelivery.
     #[arg(long, env = "ISSUE_RETRY_BUDGET", default_value = "10s", value_parser = parse_duration)]
     pub issue_retry_budget: Duration,
+    /// Issuer calls (issue and revoke) in flight at once per process, whatever CONCURRENCY is.
+    #[arg(long, env = "ISSUER_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub issuer_concurrency: u32,
+    /// How long a superseded token stays valid after its replacement is stored.
+    #[arg(long, env = "ROTATION_GRACE", default_value = "5m", value_parser = parse_duration)]
+    pub rotation_grace: Duration,
+    /// How old an issued-but-never-stored token must be before it is revoked.
+    #[arg(long, env = "ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub orphan_grace: Duration,
     /// Messages handled at once per process (the consumer prefetch).
     #[arg(long, env = "CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
@@ -215,6 +224,10 @@ pub struct Settings {
     pub naming: NamingStrategy,
     /// `EVENT_INCLUDE_TOKEN`.
     pub include_token: bool,
+    /// `ROTATION_GRACE`.
+    pub rotation_grace: Duration,
+    /// `ORPHAN_GRACE`.
+    pub orphan_grace: Duration,
 }
 
 impl RunArgs {
@@ -267,6 +280,7 @@ impl RunArgs {
                     budget: self.issue_retry_budget,
                     ..RetryPolicy::default()
                 },
+                concurrency: self.issuer_concurrency as usize,
             },
             cipher,
             concurrency: self.concurrency,
@@ -278,6 +292,8 @@ impl RunArgs {
             ops_addr: self.ops_addr,
             naming: self.container_naming,
             include_token: self.event_include_token,
+            rotation_grace: self.rotation_grace,
+            orphan_grace: self.orphan_grace,
         })
     }
 }

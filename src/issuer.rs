@@ -4,7 +4,10 @@
 //! Only transient failures are retried here. A 401/403 is an [`IssuerError::Unauthorized`]
 //! that the caller turns into a paused consumer; another 4xx is [`IssuerError::Rejected`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Semaphore;
 
 use backon::{ExponentialBuilder, Retryable as _};
 use reqwest::StatusCode;
@@ -168,6 +171,8 @@ pub struct IssuerSettings {
     pub timeout: Duration,
     /// Retries within one message.
     pub retry: RetryPolicy,
+    /// Issuer calls (issue and revoke) in flight at once per process (`ISSUER_CONCURRENCY`).
+    pub concurrency: usize,
 }
 
 /// The issuer client. Cheap to clone; one connection pool per process.
@@ -175,9 +180,12 @@ pub struct IssuerSettings {
 pub struct IssuerClient {
     http: reqwest::Client,
     endpoint: String,
+    revoke_endpoint: String,
     master: SecretString,
     restrictions: Restrictions,
     retry: RetryPolicy,
+    /// Shared by issue and revoke calls, so the issuer is protected whatever the throughput.
+    calls: Arc<Semaphore>,
 }
 
 impl IssuerClient {
@@ -185,6 +193,7 @@ impl IssuerClient {
     pub fn new(settings: IssuerSettings) -> Result<Self, String> {
         let base = settings.url.trim_end_matches('/');
         let endpoint = format!("{base}/api/tokens/issue");
+        let revoke_endpoint = format!("{base}/api/tokens/revoke");
         reqwest::Url::parse(&endpoint).map_err(|e| format!("ISSUER_URL is not a URL: {e}"))?;
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
@@ -196,29 +205,43 @@ impl IssuerClient {
         Ok(Self {
             http,
             endpoint,
+            revoke_endpoint,
             master: settings.master_token,
             restrictions: settings.restrictions,
             retry: settings.retry,
+            calls: Arc::new(Semaphore::new(settings.concurrency.max(1))),
         })
     }
 
-    /// The `Idempotency-Key` of a tenant's provisioning: derived from tenant and container,
-    /// so a retry after a crash asks for exactly the same thing.
-    pub(crate) fn idempotency_key(tenant: &TenantId, container: &ContainerName) -> String {
+    /// The `Idempotency-Key` of a tenant's token of `generation`: derived from tenant,
+    /// container and generation, so a retry after a crash (also mid-rotation) asks for exactly
+    /// the same thing. Generation 1 keeps the key of the tenant and container alone, as before
+    /// generations existed.
+    pub(crate) fn idempotency_key(
+        tenant: &TenantId,
+        container: &ContainerName,
+        generation: u32,
+    ) -> String {
         let mut h = <sha2::Sha256 as sha2::Digest>::new();
         sha2::Digest::update(&mut h, tenant.as_str().as_bytes());
         sha2::Digest::update(&mut h, [0]);
         sha2::Digest::update(&mut h, container.as_str().as_bytes());
+        if generation > 1 {
+            sha2::Digest::update(&mut h, [0]);
+            sha2::Digest::update(&mut h, generation.to_be_bytes());
+        }
         format!("tt-{}", hex::encode(&sha2::Digest::finalize(h)[..16]))
     }
 
-    /// Issues a token for `container`, retrying transient failures within the budget.
+    /// Issues generation `generation` of a token for `container`, retrying transient failures
+    /// within the budget.
     pub(crate) async fn issue(
         &self,
         tenant: &TenantId,
         container: &ContainerName,
+        generation: u32,
     ) -> Result<TenantToken, IssuerError> {
-        let key = Self::idempotency_key(tenant, container);
+        let key = Self::idempotency_key(tenant, container, generation);
         let deadline = Instant::now() + self.retry.budget;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
@@ -254,6 +277,7 @@ impl IssuerClient {
         container: &ContainerName,
         idempotency_key: &str,
     ) -> Result<TenantToken, IssuerError> {
+        let _slot = self.calls.acquire().await;
         let started = Instant::now();
         let result = self
             .http
@@ -272,21 +296,87 @@ impl IssuerClient {
             Ok(resp) => classify(resp).await,
         };
         metrics::histogram!(metric::ISSUER_DURATION).record(started.elapsed().as_secs_f64());
-        let status = match &outcome {
-            Ok(_) => "2xx",
-            Err(IssuerError::Unauthorized { .. } | IssuerError::Rejected { .. }) => "4xx",
-            Err(IssuerError::Transient {
-                status: Some(s), ..
-            }) => match s / 100 {
-                2 => "2xx",
-                4 => "4xx",
-                5 => "5xx",
-                _ => "error",
-            },
-            Err(IssuerError::Transient { status: None, .. }) => "error",
-        };
-        metrics::counter!(metric::ISSUER_REQUESTS, "status" => status).increment(1);
+        count_status(&outcome);
         outcome
+    }
+}
+
+/// Counts an issuer call in `tenant_tokens_issuer_requests_total` by its status class.
+fn count_status<T>(outcome: &Result<T, IssuerError>) {
+    let status = match outcome {
+        Ok(_) => "2xx",
+        Err(IssuerError::Unauthorized { .. } | IssuerError::Rejected { .. }) => "4xx",
+        Err(IssuerError::Transient {
+            status: Some(s), ..
+        }) => match s / 100 {
+            2 => "2xx",
+            4 => "4xx",
+            5 => "5xx",
+            _ => "error",
+        },
+        Err(IssuerError::Transient { status: None, .. }) => "error",
+    };
+    metrics::counter!(metric::ISSUER_REQUESTS, "status" => status).increment(1);
+}
+
+impl IssuerClient {
+    /// Revokes `token` (contract §10): one HTTP request, no retries here (the revoker retries
+    /// across passes and restarts). `2xx` is revoked; a `400`/`404` whose body says the token
+    /// is unknown or already revoked counts as revoked too (revocation is idempotent); `401`
+    /// and `403` are [`IssuerError::Unauthorized`]; anything else is transient.
+    pub(crate) async fn revoke(&self, token: &TenantToken) -> Result<(), IssuerError> {
+        let url =
+            reqwest::Url::parse_with_params(&self.revoke_endpoint, [("token", token.expose())])
+                .map_err(|e| IssuerError::Transient {
+                    message: format!("cannot build the revoke URL: {e}"),
+                    status: None,
+                    retry_after: None,
+                })?;
+        let _slot = self.calls.acquire().await;
+        let started = Instant::now();
+        let result = self
+            .http
+            .post(url)
+            .bearer_auth(self.master.expose_secret())
+            .send()
+            .await;
+        metrics::histogram!(metric::ISSUER_DURATION).record(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            // The URL carries the token: keep it out of the error.
+            Err(e) => Err(IssuerError::Transient {
+                message: describe_transport(&e.without_url()),
+                status: None,
+                retry_after: None,
+            }),
+            Ok(resp) => classify_revoke(resp).await,
+        };
+        count_status(&outcome);
+        outcome
+    }
+}
+
+async fn classify_revoke(resp: reqwest::Response) -> Result<(), IssuerError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = read_at_most(resp, MAX_BODY_SNIPPET)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).to_ascii_lowercase();
+    let gone_already =
+        text.contains("unknown") || text.contains("already revoked") || text.contains("not found");
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND if gone_already => Ok(()),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(IssuerError::Unauthorized {
+            status: status.as_u16(),
+        }),
+        // No body in the message: an issuer could echo the token it was asked to revoke.
+        s => Err(IssuerError::Transient {
+            message: format!("revoke answered HTTP {}", s.as_u16()),
+            status: Some(s.as_u16()),
+            retry_after: None,
+        }),
     }
 }
 
@@ -467,13 +557,14 @@ mod tests {
         let t = TenantId::parse("t").expect("id");
         let c = ContainerName::parse("c").expect("name");
         let d = ContainerName::parse("d").expect("name");
+        let key = IssuerClient::idempotency_key;
+        assert_eq!(key(&t, &c, 1), key(&t, &c, 1));
+        assert_ne!(key(&t, &c, 1), key(&t, &d, 1));
+        assert_ne!(key(&t, &c, 1), key(&t, &c, 2), "each generation asks anew");
         assert_eq!(
-            IssuerClient::idempotency_key(&t, &c),
-            IssuerClient::idempotency_key(&t, &c)
-        );
-        assert_ne!(
-            IssuerClient::idempotency_key(&t, &c),
-            IssuerClient::idempotency_key(&t, &d)
+            key(&t, &c, 2),
+            key(&t, &c, 2),
+            "a crash mid-rotation asks again"
         );
     }
 
@@ -484,6 +575,7 @@ mod tests {
             restrictions: Restrictions::default(),
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            concurrency: 4,
         })
         .expect("client")
     }
@@ -536,6 +628,7 @@ mod tests {
             restrictions: Restrictions::default(),
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            concurrency: 4,
         })
         .expect("client");
         let container = ContainerName::parse("c-1").expect("name");

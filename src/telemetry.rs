@@ -25,6 +25,10 @@ pub mod metric {
     pub(crate) const DEAD_LETTERS: &str = "tenant_tokens_dead_letters";
     /// Tokens stored.
     pub(crate) const TOKENS_ISSUED: &str = "tenant_tokens_tokens_issued_total";
+    /// Tokens revoked, by `reason` (`rotated`, `deleted`, `orphan`).
+    pub const REVOCATIONS: &str = "tenant_tokens_revocations_total";
+    /// Tokens due for revocation and not yet revoked.
+    pub const REVOCATIONS_PENDING: &str = "tenant_tokens_revocations_pending";
     /// Batches handled, by size (extra: shows how well batching works).
     pub(crate) const BATCH_SIZE: &str = "tenant_tokens_batch_size";
 }
@@ -111,6 +115,10 @@ pub fn describe_metrics() {
         metrics::counter!(metric::ISSUER_REQUESTS, "status" => s).increment(0);
     }
     metrics::counter!(metric::TOKENS_ISSUED).increment(0);
+    for reason in ["rotated", "deleted", "orphan"] {
+        metrics::counter!(metric::REVOCATIONS, "reason" => reason).increment(0);
+    }
+    metrics::gauge!(metric::REVOCATIONS_PENDING).set(0.0);
     metrics::gauge!(metric::IN_FLIGHT).set(0.0);
     metrics::gauge!(metric::BREAKER_OPEN).set(0.0);
     // Registered without a sample, so they are exported (empty) from the start.

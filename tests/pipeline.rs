@@ -427,7 +427,7 @@ async fn invalid_input_is_dead_lettered_while_good_messages_go_on() {
     ch.queue_bind(
         "tenant-tokens.requests".into(),
         "tenant.events".into(),
-        "tenant.deleted".into(),
+        "tenant.renamed".into(),
         Default::default(),
         FieldTable::default(),
     )
@@ -453,7 +453,7 @@ async fn invalid_input_is_dead_lettered_while_good_messages_go_on() {
             "bad-tenant",
         ),
         (
-            "tenant.deleted",
+            "tenant.renamed",
             br#"{"tenant_id":"fine"}"#.to_vec(),
             "unknown-key",
         ),

@@ -40,6 +40,7 @@ async fn provisioner(env: &TestEnv, issuer: &MockServer, extra: &[&str]) -> Prov
         Arc::new(settings.cipher),
         settings.naming,
         settings.include_token,
+        settings.rotation_grace,
     )
 }
 
@@ -57,6 +58,7 @@ fn ready(outcome: &Outcome) -> &tenant_tokens::domain::ReadyEvent {
     match outcome {
         Outcome::Ready(e) => e,
         Outcome::Failed(e) => panic!("expected a ready event, got {e}"),
+        Outcome::Gone { .. } | Outcome::Deleted => panic!("expected a ready event"),
     }
 }
 

@@ -28,8 +28,14 @@ pub(crate) const RETRY_QUEUE_PREFIX: &str = "tenant-tokens.retry.";
 pub const TENANT_CREATED: &str = "tenant.created";
 /// Routing key of lazy provisioning requests.
 pub const EXTENSION_REQUESTED: &str = "extension.requested";
+/// Routing key of rotation requests (contract §10).
+pub const TOKEN_ROTATE: &str = "tenant.token.rotate";
+/// Routing key of deletions (contract §10).
+pub const TENANT_DELETED: &str = "tenant.deleted";
 /// Routing key of the outgoing event.
 pub const TOKEN_READY: &str = "tenant.token.ready";
+/// Routing key of the event published for each revoked token (contract §10).
+pub const TOKEN_REVOKED: &str = "tenant.token.revoked";
 
 /// Broker-side safety net: a message redelivered this many times (for example because it
 /// crashes the process every time) is dead-lettered by RabbitMQ itself. The worker's own
@@ -40,7 +46,7 @@ pub(crate) const DELIVERY_LIMIT: i64 = 50;
 pub mod headers {
     /// Human-readable reason, no secrets, at most 1 KiB.
     pub const ERROR: &str = "x-tt-error";
-    /// `invalid`, `rejected` or `exhausted`.
+    /// `invalid`, `rejected`, `exhausted` or `gone`.
     pub const ERROR_KIND: &str = "x-tt-error-kind";
     /// Deliveries that failed with a retryable error.
     pub const ATTEMPTS: &str = "x-tt-attempts";
@@ -135,7 +141,12 @@ async fn declare_requests(ch: &Channel) -> Result<(), lapin::Error> {
     );
     ch.queue_declare(REQUESTS_QUEUE.into(), DURABLE, args)
         .await?;
-    for key in [TENANT_CREATED, EXTENSION_REQUESTED] {
+    for key in [
+        TENANT_CREATED,
+        EXTENSION_REQUESTED,
+        TOKEN_ROTATE,
+        TENANT_DELETED,
+    ] {
         bind(ch, REQUESTS_QUEUE, EVENTS_EXCHANGE, key).await?;
     }
     Ok(())

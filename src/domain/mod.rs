@@ -7,7 +7,7 @@ mod tenant;
 mod token;
 
 pub use container::{ContainerName, NamingStrategy};
-pub use event::ReadyEvent;
+pub use event::{ReadyEvent, RevokedEvent};
 pub(crate) use event::{now_rfc3339, rfc3339};
 pub use request::{MessageIdentity, ProvisionRequest, Trigger};
 pub use tenant::{TenantId, TenantName};

@@ -5,13 +5,17 @@ use uuid::Uuid;
 
 use super::{TenantId, TenantName};
 
-/// Why a token is wanted: the routing key the request came with.
+/// What a request asks for: the routing key it came with (contract §3 and §10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     /// `tenant.created`: eager provisioning.
     TenantCreated,
     /// `extension.requested`: lazy provisioning.
     ExtensionRequested,
+    /// `tenant.token.rotate`: a new generation replaces the current token.
+    TokenRotate,
+    /// `tenant.deleted`: revoke every token, erase them, keep a tombstone.
+    TenantDeleted,
 }
 
 impl Trigger {
@@ -20,6 +24,8 @@ impl Trigger {
         match key {
             crate::broker::topology::TENANT_CREATED => Some(Self::TenantCreated),
             crate::broker::topology::EXTENSION_REQUESTED => Some(Self::ExtensionRequested),
+            crate::broker::topology::TOKEN_ROTATE => Some(Self::TokenRotate),
+            crate::broker::topology::TENANT_DELETED => Some(Self::TenantDeleted),
             _ => None,
         }
     }
@@ -29,6 +35,8 @@ impl Trigger {
         match self {
             Self::TenantCreated => crate::broker::topology::TENANT_CREATED,
             Self::ExtensionRequested => crate::broker::topology::EXTENSION_REQUESTED,
+            Self::TokenRotate => crate::broker::topology::TOKEN_ROTATE,
+            Self::TenantDeleted => crate::broker::topology::TENANT_DELETED,
         }
     }
 }
@@ -104,6 +112,10 @@ pub struct ProvisionRequest {
     pub correlation_id: Option<String>,
     /// W3C trace context to continue.
     pub traceparent: Option<String>,
+    /// `tenant.token.rotate` only: why (at most 256 characters), for logs.
+    pub reason: Option<String>,
+    /// `tenant.token.rotate` only: revoke the superseded token at once, without grace.
+    pub rotate_now: bool,
 }
 
 #[cfg(test)]

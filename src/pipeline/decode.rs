@@ -29,7 +29,9 @@ pub struct Envelope<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// A routing key the worker does not handle.
-    #[error("unknown routing key {0:?}: expected tenant.created or extension.requested")]
+    #[error(
+        "unknown routing key {0:?}: expected tenant.created, extension.requested, tenant.token.rotate or tenant.deleted"
+    )]
     UnknownRoutingKey(String),
     /// Body over [`MAX_BODY`].
     #[error("body of {0} bytes is over the 64 KiB limit")]
@@ -61,6 +63,8 @@ struct Fields {
     tenant_id: Option<Value>,
     tenant_name: Option<Value>,
     extension_id: Option<Value>,
+    reason: Option<Value>,
+    now: Option<Value>,
 }
 
 /// Decodes one delivery into a request.
@@ -83,6 +87,11 @@ pub fn decode(env: &Envelope<'_>, body: &[u8]) -> Result<ProvisionRequest, Decod
         (Value::Object(obj), None)
     };
     let fields: Fields = serde_json::from_value(data).map_err(|_| DecodeError::NotObject)?;
+    let (reason, rotate_now) = if trigger == Trigger::TokenRotate {
+        (rotation_reason(fields.reason)?, rotate_now(fields.now)?)
+    } else {
+        (None, false)
+    };
     let identity = env
         .message_id
         .and_then(MessageIdentity::given)
@@ -104,6 +113,8 @@ pub fn decode(env: &Envelope<'_>, body: &[u8]) -> Result<ProvisionRequest, Decod
             .traceparent
             .filter(|t| valid_traceparent(t))
             .map(str::to_owned),
+        reason,
+        rotate_now,
     })
 }
 
@@ -153,6 +164,27 @@ fn tenant_id(v: Option<Value>) -> Result<TenantId, DecodeError> {
         None | Some(Value::Null) => Err(DecodeError::MissingTenant),
         Some(Value::String(s)) => TenantId::parse(&s).map_err(DecodeError::Field),
         Some(_) => Err(DecodeError::Field("tenant_id must be a string".into())),
+    }
+}
+
+/// A rotation's `reason`: optional, at most 256 characters, logged only.
+fn rotation_reason(v: Option<Value>) -> Result<Option<String>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.chars().count() <= 256 => Ok(Some(s)),
+        Some(Value::String(_)) => Err(DecodeError::Field(
+            "reason is longer than 256 characters".into(),
+        )),
+        Some(_) => Err(DecodeError::Field("reason must be a string".into())),
+    }
+}
+
+/// A rotation's `now`: optional boolean, false when absent.
+fn rotate_now(v: Option<Value>) -> Result<bool, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(_) => Err(DecodeError::Field("now must be true or false".into())),
     }
 }
 
@@ -221,7 +253,7 @@ mod tests {
     fn invalid_inputs_are_named() {
         let cases: Vec<(Envelope<'_>, Vec<u8>, &str)> = vec![
             (
-                env("tenant.deleted"),
+                env("tenant.renamed"),
                 br#"{"tenant_id":"a"}"#.to_vec(),
                 "unknown routing key",
             ),
@@ -280,6 +312,29 @@ mod tests {
             decode(&e, b"{}"),
             Err(DecodeError::ContentType(_))
         ));
+    }
+
+    #[test]
+    fn rotation_fields_are_read_and_checked() {
+        let e = env("tenant.token.rotate");
+        let r = decode(&e, br#"{"tenant_id":"a","reason":"leak","now":true}"#).expect("valid");
+        assert_eq!(r.trigger, Trigger::TokenRotate);
+        assert_eq!(r.reason.as_deref(), Some("leak"));
+        assert!(r.rotate_now);
+        let plain = decode(&e, br#"{"tenant_id":"a"}"#).expect("valid");
+        assert!(!plain.rotate_now && plain.reason.is_none());
+        for bad in [
+            r#"{"tenant_id":"a","now":"yes"}"#.to_owned(),
+            r#"{"tenant_id":"a","reason":7}"#.to_owned(),
+            format!(r#"{{"tenant_id":"a","reason":"{}"}}"#, "r".repeat(257)),
+        ] {
+            assert!(
+                matches!(decode(&e, bad.as_bytes()), Err(DecodeError::Field(_))),
+                "{bad}"
+            );
+        }
+        let deleted = decode(&env("tenant.deleted"), br#"{"tenant_id":"a","now":1}"#);
+        assert_eq!(deleted.expect("valid").trigger, Trigger::TenantDeleted);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! | invalid input | any | dead-letter `invalid` (attempts unchanged) |
 //! | issuer `4xx` (not 401/403) | any | dead-letter `rejected` with the status |
 //! | an error retrying cannot fix (poison) | any | dead-letter `exhausted` |
+//! | tenant deleted (contract §10) | any | dead-letter `gone` |
+//! | deletion done | any | ack (its revocations are due; nothing to publish) |
 //! | issuer `401`/`403` | — (trips it) | hold as the probe, or requeue if one runs |
 //! | transient issuer failure | closed | retry later (attempts + 1), or dead-letter `exhausted` at `MAX_ATTEMPTS` |
 //! | transient issuer failure | open | hold as the probe, or requeue if one runs; no attempt counted |
@@ -28,6 +30,8 @@ pub(crate) enum DeadKind {
     /// `MAX_ATTEMPTS` deliveries failed with retryable errors, or one failed with an error
     /// that retrying cannot fix.
     Exhausted,
+    /// The tenant was deleted: its ids are never reused.
+    Gone,
 }
 
 impl DeadKind {
@@ -37,6 +41,7 @@ impl DeadKind {
             Self::Invalid => "invalid",
             Self::Rejected => "rejected",
             Self::Exhausted => "exhausted",
+            Self::Gone => "gone",
         }
     }
 }
@@ -59,6 +64,10 @@ pub(crate) enum Happened {
     Transient,
     /// Provisioning this message alone failed with an error retrying cannot fix.
     Unrecoverable,
+    /// The tenant was deleted before this request.
+    Gone,
+    /// A deletion was carried out (or had been): nothing to publish.
+    Done,
     /// The process is shutting down before the message was settled.
     Interrupted,
 }
@@ -104,6 +113,8 @@ pub(crate) enum Disposition {
         /// `x-tt-issuer-status`, for `rejected`.
         issuer_status: Option<u16>,
     },
+    /// Settle the message; nothing to publish.
+    Ack,
     /// Give the message back to the queue untouched (no attempt counted).
     Requeue,
     /// Keep the message unacked and retry its provisioning until the issuer answers.
@@ -132,6 +143,8 @@ pub(crate) fn decide(
         Happened::Invalid => dead(DeadKind::Invalid, attempts, None),
         Happened::Rejected { status } => dead(DeadKind::Rejected, attempts, Some(status)),
         Happened::Unrecoverable => dead(DeadKind::Exhausted, attempts, None),
+        Happened::Gone => dead(DeadKind::Gone, attempts, None),
+        Happened::Done => Disposition::Ack,
         Happened::Unauthorized => pause,
         Happened::Transient if breaker != BreakerState::Closed => pause,
         Happened::Transient => {
@@ -222,6 +235,27 @@ mod tests {
                 issuer_status: None
             }
         );
+    }
+
+    #[test]
+    fn a_request_for_a_deleted_tenant_is_dead_lettered_as_gone_whatever_the_breaker() {
+        for b in ALL_BREAKERS {
+            assert_eq!(
+                decide(Happened::Gone, 1, b, &policy()),
+                Disposition::DeadLetter {
+                    kind: DeadKind::Gone,
+                    attempts: 1,
+                    issuer_status: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_done_deletion_is_acked_with_nothing_published() {
+        for b in ALL_BREAKERS {
+            assert_eq!(decide(Happened::Done, 0, b, &policy()), Disposition::Ack);
+        }
     }
 
     #[test]

@@ -64,6 +64,8 @@ impl Fate {
             Self::Provisioned(Outcome::Failed(IssuerError::Transient { .. })) => {
                 Happened::Transient
             }
+            Self::Provisioned(Outcome::Gone { .. }) => Happened::Gone,
+            Self::Provisioned(Outcome::Deleted) => Happened::Done,
             Self::Unrecoverable(_) => Happened::Unrecoverable,
             Self::Interrupted => Happened::Interrupted,
         }
@@ -84,7 +86,11 @@ impl Fate {
     fn error(&self) -> String {
         match self {
             Self::Provisioned(Outcome::Failed(e)) => e.to_string(),
-            Self::Provisioned(Outcome::Ready(_)) => String::new(),
+            Self::Provisioned(Outcome::Gone { deleted_at }) => format!(
+                "the tenant was deleted at {}; tenant ids are never reused",
+                crate::domain::rfc3339(*deleted_at)
+            ),
+            Self::Provisioned(Outcome::Ready(_) | Outcome::Deleted) => String::new(),
             Self::Unrecoverable(e) => e.clone(),
             Self::Interrupted => "interrupted by shutdown".into(),
         }
@@ -231,6 +237,7 @@ async fn execute(publisher: &Publisher, m: &Inbound, d: &Disposition, error: &st
             let result = dead_letter(publisher, m, kind, error, attempts, issuer_status).await;
             finish(m, result, kind.as_str()).await;
         }
+        Disposition::Ack => finish(m, Ok(()), "deleted").await,
         Disposition::Requeue | Disposition::HoldAsProbe | Disposition::Publish => {
             m.requeue().await;
         }

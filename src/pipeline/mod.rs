@@ -8,5 +8,7 @@ pub mod breaker;
 pub mod decode;
 pub(crate) mod disposition;
 pub(crate) mod handle;
+mod lifecycle;
 pub mod provision;
+pub(crate) mod revoker;
 pub mod worker;

@@ -23,11 +23,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
 
 use crate::crypto::TokenCipher;
-use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken};
+use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken, Trigger};
 use crate::domain::{ReadyEvent, rfc3339};
 use crate::issuer::{IssuerClient, IssuerError};
 use crate::store::{
@@ -80,12 +81,19 @@ impl From<sqlx::Error> for ProvisionError {
 }
 
 /// What became of one request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// The tenant has its token; publish this event, then ack.
     Ready(Box<ReadyEvent>),
     /// The issue call failed; the error says whether to retry, dead-letter or pause.
     Failed(IssuerError),
+    /// The tenant was deleted then (contract §10): no token, ever again.
+    Gone {
+        /// When it was deleted.
+        deleted_at: time::OffsetDateTime,
+    },
+    /// A deletion is done (or was already): its revocations are due; nothing to publish.
+    Deleted,
 }
 
 /// A claim: tenant id, proposed container, tenant name.
@@ -101,21 +109,24 @@ struct Batch<'a> {
 /// Ties store, issuer and cipher together.
 #[derive(Clone)]
 pub struct Provisioner {
-    store: Store,
-    issuer: IssuerClient,
-    cipher: Arc<TokenCipher>,
-    naming: NamingStrategy,
-    include_token: bool,
+    pub(super) store: Store,
+    pub(super) issuer: IssuerClient,
+    pub(super) cipher: Arc<TokenCipher>,
+    pub(super) naming: NamingStrategy,
+    pub(super) include_token: bool,
+    pub(super) rotation_grace: Duration,
 }
 
 impl Provisioner {
-    /// A provisioner; `include_token` puts the token into ready events (`EVENT_INCLUDE_TOKEN`).
+    /// A provisioner; `include_token` puts the token into ready events (`EVENT_INCLUDE_TOKEN`),
+    /// `rotation_grace` is how long a superseded token stays valid (`ROTATION_GRACE`).
     pub fn new(
         store: Store,
         issuer: IssuerClient,
         cipher: Arc<TokenCipher>,
         naming: NamingStrategy,
         include_token: bool,
+        rotation_grace: Duration,
     ) -> Self {
         Self {
             store,
@@ -123,14 +134,47 @@ impl Provisioner {
             cipher,
             naming,
             include_token,
+            rotation_grace,
         }
     }
 
-    /// Handles a batch; outcomes are in the order of `reqs`.
+    /// Handles a batch; outcomes are in the order of `reqs`. Provisioning requests share one
+    /// transaction; rotations and deletions (rare) get one each, after it.
     pub async fn provision(
         &self,
         reqs: &[ProvisionRequest],
     ) -> Result<Vec<Outcome>, ProvisionError> {
+        let lifecycle = |r: &ProvisionRequest| {
+            matches!(r.trigger, Trigger::TokenRotate | Trigger::TenantDeleted)
+        };
+        if !reqs.iter().any(lifecycle) {
+            return self.provision_batch(reqs).await;
+        }
+        let plain: Vec<ProvisionRequest> = reqs.iter().filter(|r| !lifecycle(r)).cloned().collect();
+        let mut plain_outcomes = self.provision_batch(&plain).await?.into_iter();
+        let mut outcomes = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let outcome = match r.trigger {
+                Trigger::TokenRotate => self.rotate(r).await?,
+                Trigger::TenantDeleted => self.delete(r).await?,
+                Trigger::TenantCreated | Trigger::ExtensionRequested => plain_outcomes
+                    .next()
+                    .ok_or_else(|| ProvisionError::Invariant("an outcome is missing".into()))?,
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    /// The batch path: provisioning requests (`tenant.created`, `extension.requested`, and a
+    /// rotation of a tenant without a token), one transaction for all of them.
+    pub(super) async fn provision_batch(
+        &self,
+        reqs: &[ProvisionRequest],
+    ) -> Result<Vec<Outcome>, ProvisionError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
         // The first request of each tenant names its container and carries its parsed id.
         let mut first: HashMap<&str, &ProvisionRequest> = HashMap::new();
         for r in reqs {
@@ -208,8 +252,8 @@ impl Provisioner {
             tenants.insert(row.tenant_id.clone(), row);
         }
         let (fresh, failures) = self.issue_missing(batch.first, &tenants).await;
-        self.journal(&fresh, &tenants).await?;
         let (new_tokens, mut newly) = self.seal(batch.first, &fresh, &mut tenants, now);
+        self.journal(&new_tokens, &tenants).await?;
         let issued = newly.len();
         let (outcomes, new_requests) =
             decide(batch.reqs, batch.known, &tenants, &failures, &mut newly)?;
@@ -227,22 +271,24 @@ impl Provisioner {
         self.finish(batch.reqs, outcomes, &lost_races, &fresh, &tenants)
     }
 
-    /// Journals freshly issued tokens in a transaction of their own, before the batch's
-    /// commits, so one whose storing never commits can still be found and revoked.
-    async fn journal(
+    /// Journals freshly issued tokens (sealed) in a transaction of their own, before the
+    /// batch's commits, so one whose storing never commits can still be found and revoked.
+    pub(super) async fn journal(
         &self,
-        fresh: &HashMap<String, TenantToken>,
+        new_tokens: &[NewToken],
         tenants: &HashMap<String, TenantRow>,
     ) -> Result<(), StoreError> {
-        let journal: Vec<IssuedToken> = fresh
+        let journal: Vec<IssuedToken> = new_tokens
             .iter()
-            .map(|(tenant, token)| IssuedToken {
-                tenant_id: tenant.clone(),
+            .map(|t| IssuedToken {
+                tenant_id: t.tenant_id.clone(),
                 container: tenants
-                    .get(tenant)
+                    .get(&t.tenant_id)
                     .map_or_else(String::new, |r| r.container.clone()),
-                fingerprint: token.fingerprint().as_str().to_owned(),
-                jti: token.jti(),
+                fingerprint: t.fingerprint.clone(),
+                jti: t.jti.clone(),
+                generation: tenants.get(&t.tenant_id).map_or(1, |r| r.generation),
+                sealed: Some(t.sealed.clone()),
             })
             .collect();
         store::journal_issued(self.store.pool(), &journal).await
@@ -321,13 +367,13 @@ impl Provisioner {
     ) -> (HashMap<String, TenantToken>, HashMap<String, IssuerError>) {
         let calls = tenants
             .values()
-            .filter(|row| row.token.is_none())
+            .filter(|row| row.token.is_none() && row.deleted_at.is_none())
             .filter_map(|row| Some((first.get(row.tenant_id.as_str())?, row)))
             .map(|(r, row)| {
                 let tenant = &r.tenant_id;
                 let container = ContainerName::from_stored(row.container.clone());
                 async move {
-                    let result = self.issuer.issue(tenant, &container).await;
+                    let result = self.issuer.issue(tenant, &container, 1).await;
                     (tenant, result)
                 }
             });
@@ -346,7 +392,11 @@ impl Provisioner {
         (fresh, failures)
     }
 
-    fn open(&self, r: &ProvisionRequest, row: Option<&TenantRow>) -> Option<TenantToken> {
+    pub(super) fn open(
+        &self,
+        r: &ProvisionRequest,
+        row: Option<&TenantRow>,
+    ) -> Option<TenantToken> {
         let sealed = row?.token.as_ref()?.sealed.as_ref()?;
         match self.cipher.open(&r.tenant_id, sealed) {
             Ok(t) => Some(t),
@@ -367,7 +417,7 @@ fn decide(
     failures: &HashMap<String, IssuerError>,
     newly: &mut HashSet<String>,
 ) -> Result<(Vec<Outcome>, Vec<NewRequest>), ProvisionError> {
-    let mut outcomes = Vec::with_capacity(reqs.len());
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(reqs.len());
     let mut new_requests = Vec::new();
     let mut decided: HashMap<&str, usize> = HashMap::new();
     for r in reqs {
@@ -376,37 +426,16 @@ fn decide(
         let outcome = if let Some(stored) = known.get(id) {
             Outcome::Ready(Box::new(parse_event(id, stored)?))
         } else if let Some(&i) = decided.get(id) {
-            match &outcomes[i] {
-                Outcome::Ready(e) => Outcome::Ready(e.clone()),
-                Outcome::Failed(e) => Outcome::Failed(e.clone()),
-            }
+            outcomes[i].clone()
+        } else if let Some(at) = tenants.get(tenant).and_then(|row| row.deleted_at) {
+            Outcome::Gone { deleted_at: at }
         } else if let Some(e) = failures.get(tenant) {
             Outcome::Failed(e.clone())
         } else if let Some(row) = tenants.get(tenant)
             && let Some(token) = row.token.as_ref()
         {
-            let event = ReadyEvent {
-                event_id: r.identity.event_id(),
-                tenant_id: tenant.to_owned(),
-                container: row.container.clone(),
-                token_fingerprint: token.fingerprint.clone(),
-                issued_at: rfc3339(token.issued_at),
-                newly_issued: newly.remove(tenant),
-                trigger: r.trigger.as_str().to_owned(),
-                correlation_id: id.to_owned(),
-                token: None,
-            };
-            new_requests.push(NewRequest {
-                request_id: id.to_owned(),
-                tenant_id: tenant.to_owned(),
-                event_id: event.event_id,
-                event: serde_json::to_string(&event).map_err(|error| {
-                    ProvisionError::Serialise {
-                        request: id.to_owned(),
-                        error,
-                    }
-                })?,
-            });
+            let event = ready_event(r, row, token, newly.remove(tenant), false);
+            new_requests.push(recorded(r, &event)?);
             decided.insert(id, outcomes.len());
             Outcome::Ready(Box::new(event))
         } else {
@@ -420,7 +449,47 @@ fn decide(
     Ok((outcomes, new_requests))
 }
 
-fn parse_event(request: &str, stored: &str) -> Result<ReadyEvent, ProvisionError> {
+/// The ready event of request `r` for the tenant's token as stored (contract §7, §10).
+pub(super) fn ready_event(
+    r: &ProvisionRequest,
+    row: &TenantRow,
+    token: &StoredToken,
+    newly_issued: bool,
+    rotated: bool,
+) -> ReadyEvent {
+    ReadyEvent {
+        event_id: r.identity.event_id(),
+        tenant_id: row.tenant_id.clone(),
+        container: row.container.clone(),
+        token_fingerprint: token.fingerprint.clone(),
+        issued_at: rfc3339(token.issued_at),
+        newly_issued,
+        trigger: r.trigger.as_str().to_owned(),
+        correlation_id: r.identity.as_str().to_owned(),
+        rotated,
+        generation: row.generation,
+        token: None,
+    }
+}
+
+/// The request to record with its event, serialised exactly as it is published.
+pub(super) fn recorded(
+    r: &ProvisionRequest,
+    event: &ReadyEvent,
+) -> Result<NewRequest, ProvisionError> {
+    let id = r.identity.as_str();
+    Ok(NewRequest {
+        request_id: id.to_owned(),
+        tenant_id: r.tenant_id.as_str().to_owned(),
+        event_id: event.event_id,
+        event: serde_json::to_string(event).map_err(|error| ProvisionError::Serialise {
+            request: id.to_owned(),
+            error,
+        })?,
+    })
+}
+
+pub(super) fn parse_event(request: &str, stored: &str) -> Result<ReadyEvent, ProvisionError> {
     serde_json::from_str(stored).map_err(|error| ProvisionError::StoredEvent {
         request: request.to_owned(),
         error,

@@ -20,6 +20,7 @@ use super::breaker::Admission;
 use super::disposition::Policy;
 use super::handle::{self, Context};
 use super::provision::Provisioner;
+use super::revoker::Revoker;
 use crate::broker::inbound::Inbound;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
@@ -32,6 +33,7 @@ use crate::telemetry::redact_url;
 /// A configured worker, ready to run.
 pub struct Worker {
     ctx: Arc<Context>,
+    revoker: Revoker,
     amqp_url: String,
     prefetch: u16,
     batch_size: usize,
@@ -68,12 +70,21 @@ impl Worker {
             shutdown.clone(),
         ));
         let issuer = IssuerClient::new(settings.issuer).map_err(anyhow::Error::msg)?;
+        let cipher = Arc::new(settings.cipher);
+        let revoker = Revoker {
+            store: store.clone(),
+            issuer: issuer.clone(),
+            cipher: cipher.clone(),
+            health: health.clone(),
+            orphan_grace: settings.orphan_grace,
+        };
         let provisioner = Provisioner::new(
             store,
             issuer,
-            Arc::new(settings.cipher),
+            cipher,
             settings.naming,
             settings.include_token,
+            settings.rotation_grace,
         );
         let policy = Policy {
             max_attempts: settings.max_attempts,
@@ -87,6 +98,7 @@ impl Worker {
         };
         Ok(Some(Self {
             ctx: Arc::new(ctx),
+            revoker,
             amqp_url: settings.amqp_url,
             prefetch: settings.concurrency,
             batch_size: usize::from(settings.batch_size),
@@ -123,8 +135,15 @@ impl Worker {
     /// One connection's life: `Ok` after a clean shutdown, `Err` when the broker failed.
     async fn session(&self) -> anyhow::Result<()> {
         let mut s = self.open_session().await?;
+        let revoker_stop = self.ctx.shutdown.child_token();
+        tokio::spawn(
+            self.revoker
+                .clone()
+                .run(s.publisher.clone(), revoker_stop.clone()),
+        );
         let mut tasks = JoinSet::new();
         let ended = self.consume(&mut s, &mut tasks).await;
+        revoker_stop.cancel();
         self.drain(&s, tasks).await;
         ended
     }

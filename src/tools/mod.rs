@@ -2,5 +2,6 @@
 
 pub(crate) mod demo;
 pub mod dlq;
+mod rotate;
 pub mod stub_issuer;
 pub(crate) mod token;

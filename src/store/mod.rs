@@ -25,6 +25,9 @@ use time::OffsetDateTime;
 
 use crate::crypto::Sealed;
 
+pub(crate) mod lifecycle;
+pub(crate) mod revocations;
+
 /// A Postgres failure. [`StoreError::is_retryable`] tells a database that is unavailable or
 /// busy (try again, nothing is wrong with the messages) from one that refuses what it was given
 /// (retrying the same statement cannot help).
@@ -78,8 +81,12 @@ pub(crate) struct TenantRow {
     pub tenant_id: String,
     /// Its container, fixed once stored.
     pub container: String,
-    /// Set once the token is stored.
+    /// Set once the token is stored; erased when the tenant is deleted.
     pub token: Option<StoredToken>,
+    /// The current token's generation (1 for the first).
+    pub generation: u32,
+    /// Set when the tenant was deleted: the row is a tombstone.
+    pub deleted_at: Option<OffsetDateTime>,
 }
 
 /// What is stored of a token.
@@ -179,6 +186,10 @@ pub(crate) struct IssuedToken {
     pub fingerprint: String,
     /// The token's `jti`, when it has one.
     pub jti: Option<String>,
+    /// The generation it was issued as.
+    pub generation: u32,
+    /// The token, encrypted: kept until the token is stored or revoked as an orphan.
+    pub sealed: Option<Sealed>,
 }
 
 /// Journals issued tokens in a transaction of their own, before the main transaction stores
@@ -196,8 +207,10 @@ pub(crate) async fn journal_issued(
     // asynchronous commit to it.
     sqlx::query(
         "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
-         INSERT INTO issued_tokens (tenant_id, container, token_fingerprint, jti)
-         SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u, async_commit",
+         INSERT INTO issued_tokens
+                (tenant_id, container, token_fingerprint, jti, generation, token_ciphertext, key_id)
+         SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                                $6::bytea[], $7::text[]) AS u, async_commit",
     )
     .bind(
         tokens
@@ -218,32 +231,76 @@ pub(crate) async fn journal_issued(
             .collect::<Vec<_>>(),
     )
     .bind(tokens.iter().map(|t| t.jti.as_deref()).collect::<Vec<_>>())
+    .bind(
+        tokens
+            .iter()
+            .map(|t| generation_i32(t.generation))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tokens
+            .iter()
+            .map(|t| t.sealed.as_ref().map(|s| s.blob.as_slice()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tokens
+            .iter()
+            .map(|t| t.sealed.as_ref().map(|s| s.key_id.as_str()))
+            .collect::<Vec<_>>(),
+    )
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Issued tokens that never became a tenant's stored token (for revocation).
-pub(crate) async fn orphaned_tokens(
-    pool: &PgPool,
-) -> Result<Vec<(IssuedToken, OffsetDateTime)>, StoreError> {
+/// A generation as Postgres `integer`.
+pub(crate) fn generation_i32(g: u32) -> i32 {
+    i32::try_from(g).unwrap_or(i32::MAX)
+}
+
+/// An issued token that never became a tenant's stored token, with its revocation's state.
+#[derive(Debug, Clone)]
+pub(crate) struct Orphan {
+    /// The tenant it was issued for.
+    pub tenant_id: String,
+    /// Its container.
+    pub container: String,
+    /// The token's fingerprint.
+    pub fingerprint: String,
+    /// The token's `jti`, when it had one.
+    pub jti: Option<String>,
+    /// When the issuer handed it out.
+    pub issued_at: OffsetDateTime,
+    /// When its revocation became due (none yet: younger than `ORPHAN_GRACE`).
+    pub revocation_due_at: Option<OffsetDateTime>,
+    /// When the issuer confirmed the revocation.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Failed revoke calls so far.
+    pub revocation_attempts: i32,
+}
+
+/// Issued tokens that never became a tenant's stored token, oldest first.
+pub(crate) async fn orphaned_tokens(pool: &PgPool) -> Result<Vec<Orphan>, StoreError> {
     let rows = sqlx::query(
-        "SELECT tenant_id, container, token_fingerprint, jti, issued_at
+        "SELECT tenant_id, container, token_fingerprint, jti, issued_at, revocation_due_at,
+                revoked_at, coalesce(revocation_attempts, 0)
            FROM orphaned_tokens ORDER BY issued_at",
     )
     .fetch_all(pool)
     .await?;
     rows.iter()
         .map(|r| {
-            Ok((
-                IssuedToken {
-                    tenant_id: r.try_get(0)?,
-                    container: r.try_get(1)?,
-                    fingerprint: r.try_get(2)?,
-                    jti: r.try_get(3)?,
-                },
-                r.try_get(4)?,
-            ))
+            Ok(Orphan {
+                tenant_id: r.try_get(0)?,
+                container: r.try_get(1)?,
+                fingerprint: r.try_get(2)?,
+                jti: r.try_get(3)?,
+                issued_at: r.try_get(4)?,
+                revocation_due_at: r.try_get(5)?,
+                revoked_at: r.try_get(6)?,
+                revocation_attempts: r.try_get(7)?,
+            })
         })
         .collect()
 }
@@ -258,14 +315,14 @@ pub(crate) async fn lookup(
 ) -> Result<(HashMap<String, String>, HashMap<String, TenantRow>), StoreError> {
     let rows = sqlx::query(
         "SELECT request_id, NULL::text, NULL::text, NULL::timestamptz, NULL::text,
-                NULL::bytea, NULL::text, event
+                NULL::bytea, NULL::text, 1, NULL::timestamptz, event
            FROM requests
           WHERE request_id = ANY($1)
          UNION ALL
          SELECT tenant_id, container, token_fingerprint, issued_at, jti,
-                CASE WHEN $3 THEN token_ciphertext END, key_id, NULL::text
+                CASE WHEN $3 THEN token_ciphertext END, key_id, generation, deleted_at, NULL::text
            FROM tenants
-          WHERE tenant_id = ANY($2) AND issued_at IS NOT NULL",
+          WHERE tenant_id = ANY($2) AND (issued_at IS NOT NULL OR deleted_at IS NOT NULL)",
     )
     .bind(request_ids)
     .bind(tenant_ids)
@@ -275,7 +332,7 @@ pub(crate) async fn lookup(
     let mut known = HashMap::new();
     let mut tenants = HashMap::new();
     for r in rows {
-        match r.try_get::<Option<String>, _>(7)? {
+        match r.try_get::<Option<String>, _>(9)? {
             Some(event) => {
                 known.insert(r.try_get(0)?, event);
             }
@@ -321,7 +378,7 @@ async fn provisioned_or_not(
 ) -> Result<HashMap<String, TenantRow>, StoreError> {
     let rows = sqlx::query(
         "SELECT tenant_id, container, token_fingerprint, issued_at, jti,
-                CASE WHEN $2 THEN token_ciphertext END, key_id
+                CASE WHEN $2 THEN token_ciphertext END, key_id, generation, deleted_at
            FROM tenants
           WHERE tenant_id = ANY($1) AND (issued_at IS NOT NULL OR NOT $3)",
     )
@@ -354,10 +411,13 @@ fn row_from(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
         }),
         _ => None,
     };
+    let generation: i32 = r.try_get(7)?;
     Ok(TenantRow {
         tenant_id: r.try_get(0)?,
         container: r.try_get(1)?,
         token,
+        generation: u32::try_from(generation).unwrap_or(1),
+        deleted_at: r.try_get(8)?,
     })
 }
 
@@ -380,7 +440,8 @@ pub(crate) async fn claim(
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1
          ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
          RETURNING tenant_id, container, token_fingerprint, issued_at, jti,
-                   CASE WHEN $4 THEN token_ciphertext END, key_id, now()",
+                   CASE WHEN $4 THEN token_ciphertext END, key_id, generation, deleted_at,
+                   now()",
     )
     .bind(&ids)
     .bind(&containers)
@@ -389,7 +450,7 @@ pub(crate) async fn claim(
     .fetch_all(tx)
     .await?;
     let now = match rows.first() {
-        Some(r) => Some(r.try_get(7)?),
+        Some(r) => Some(r.try_get(9)?),
         None => None,
     };
     Ok((rows.iter().map(row_from).collect::<Result<_, _>>()?, now))
@@ -424,7 +485,12 @@ pub(crate) async fn store_and_record(
                FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
                     AS u(tenant_id, blob, key_id, fp, jti)
               WHERE t.tenant_id = u.tenant_id AND t.issued_at IS NULL
+                AND t.deleted_at IS NULL
               RETURNING t.tenant_id
+         ), unjournaled AS (
+             -- A stored token needs no journal copy: erase it in the same transaction.
+             UPDATE issued_tokens SET token_ciphertext = NULL, key_id = NULL
+              WHERE token_fingerprint = ANY($4) AND token_ciphertext IS NOT NULL
          ), recorded AS (
              INSERT INTO requests (request_id, tenant_id, event_id, event)
              SELECT * FROM unnest($6::text[], $7::text[], $8::uuid[], $9::text[]) ORDER BY 1

@@ -1,0 +1,166 @@
+//! Rotation and deletion requests (contract §10): one transaction each, on the tenant's locked
+//! row (see [`crate::store::lifecycle`]). They are rare, so clarity wins over round trips.
+//!
+//! A rotation issues generation n+1 with an `Idempotency-Key` of tenant, container and n+1,
+//! journals it (sealed, in case the commit never comes), stores it as current, queues
+//! generation n for revocation after `ROTATION_GRACE` (at once with `now`), and records the
+//! request with its ready event (`newly_issued`, `rotated`, `generation`) in the same commit:
+//! a redelivery finds the recorded event and rotates nothing more.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::provision::{Outcome, ProvisionError, Provisioner, parse_event, ready_event, recorded};
+use crate::domain::{ContainerName, ProvisionRequest};
+use crate::store::lifecycle::{self, Deletion, Rotation};
+use crate::store::{self, NewToken, StoredToken, TenantRow};
+use crate::telemetry::metric;
+
+impl Provisioner {
+    /// Rotates the tenant's token; a tenant without one is provisioned as `tenant.created`
+    /// would be.
+    pub(super) async fn rotate(&self, r: &ProvisionRequest) -> Result<Outcome, ProvisionError> {
+        let rotated = {
+            let mut conn = self.store.pool().acquire().await?;
+            self.rotate_on(&mut conn, r).await?
+        };
+        match rotated {
+            Some(outcome) => Ok(outcome),
+            None => self.provision_first(r).await,
+        }
+    }
+
+    /// The rotation on one connection; `None` when the tenant has no token to rotate.
+    async fn rotate_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        r: &ProvisionRequest,
+    ) -> Result<Option<Outcome>, ProvisionError> {
+        let id = r.identity.as_str();
+        if let Some(event) = self.recorded_event(conn, r).await? {
+            return Ok(Some(event));
+        }
+        let mut tx = sqlx::Connection::begin(conn).await?;
+        let locked = lifecycle::lock_tenant(&mut tx, r.tenant_id.as_str()).await?;
+        let Some((row, now)) =
+            locked.filter(|(row, _)| row.token.is_some() || row.deleted_at.is_some())
+        else {
+            return Ok(None);
+        };
+        if let Some(deleted_at) = row.deleted_at {
+            return Ok(Some(Outcome::Gone { deleted_at }));
+        }
+        // Another worker may have rotated for this very request while this one waited.
+        if let Some(event) = self.recorded_event(&mut tx, r).await? {
+            return Ok(Some(event));
+        }
+        let generation = row.generation.saturating_add(1);
+        let container = ContainerName::from_stored(row.container.clone());
+        let token = match self
+            .issuer
+            .issue(&r.tenant_id, &container, generation)
+            .await
+        {
+            Ok(token) => token,
+            Err(e) => return Ok(Some(Outcome::Failed(e))),
+        };
+        let new = NewToken {
+            tenant_id: row.tenant_id.clone(),
+            sealed: self.cipher.seal(&r.tenant_id, &token),
+            fingerprint: token.fingerprint().as_str().to_owned(),
+            jti: token.jti(),
+        };
+        let next = next_generation(&row, &new, now);
+        let journaled = HashMap::from([(next.tenant_id.clone(), next.clone())]);
+        self.journal(std::slice::from_ref(&new), &journaled).await?;
+        let stored = next
+            .token
+            .as_ref()
+            .ok_or_else(|| ProvisionError::Invariant("a rotated tenant has no token".into()))?;
+        let mut event = ready_event(r, &next, stored, true, true);
+        let request = recorded(r, &event)?;
+        let grace = if r.rotate_now {
+            Duration::ZERO
+        } else {
+            self.rotation_grace
+        };
+        let rotation = Rotation {
+            current: &row,
+            new: &new,
+            grace,
+            request: &request,
+        };
+        lifecycle::rotate(&mut tx, &rotation).await?;
+        tx.commit().await?;
+        metrics::counter!(metric::TOKENS_ISSUED).increment(1);
+        tracing::info!(
+            id,
+            generation,
+            reason = r.reason.as_deref(),
+            ?grace,
+            "token rotated"
+        );
+        if self.include_token {
+            event.token = Some(token.expose().to_owned());
+        }
+        Ok(Some(Outcome::Ready(Box::new(event))))
+    }
+
+    /// Deletes the tenant: a tombstone, and every token not yet revoked due at once.
+    pub(super) async fn delete(&self, r: &ProvisionRequest) -> Result<Outcome, ProvisionError> {
+        let mut conn = self.store.pool().acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let container = self.naming.name(&r.tenant_id, r.tenant_name.as_ref());
+        let id = r.identity.as_str();
+        let done = lifecycle::delete(&mut tx, r.tenant_id.as_str(), container.as_str(), id).await?;
+        tx.commit().await?;
+        if done == Deletion::Deleted {
+            tracing::info!("tenant deleted; its tokens are due for revocation");
+        }
+        Ok(Outcome::Deleted)
+    }
+
+    /// A rotation of a tenant that has no token yet: the batch path, alone.
+    async fn provision_first(&self, r: &ProvisionRequest) -> Result<Outcome, ProvisionError> {
+        self.provision_batch(std::slice::from_ref(r))
+            .await?
+            .pop()
+            .ok_or_else(|| ProvisionError::Invariant("no outcome for a rotation".into()))
+    }
+
+    /// The event recorded for this request, if it was handled before (with the token, under
+    /// `EVENT_INCLUDE_TOKEN`).
+    async fn recorded_event(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        r: &ProvisionRequest,
+    ) -> Result<Option<Outcome>, ProvisionError> {
+        let id = r.identity.as_str();
+        let Some(stored) = store::known_requests(conn, &[id.to_owned()])
+            .await?
+            .remove(id)
+        else {
+            return Ok(None);
+        };
+        let mut event = parse_event(id, &stored)?;
+        if self.include_token {
+            let row = self.store.tenant(r.tenant_id.as_str()).await?;
+            event.token = self.open(r, row.as_ref()).map(|t| t.expose().to_owned());
+        }
+        Ok(Some(Outcome::Ready(Box::new(event))))
+    }
+}
+
+/// The tenant's row as it will be once generation n+1 is stored at `now`.
+fn next_generation(row: &TenantRow, new: &NewToken, now: time::OffsetDateTime) -> TenantRow {
+    TenantRow {
+        generation: row.generation.saturating_add(1),
+        token: Some(StoredToken {
+            fingerprint: new.fingerprint.clone(),
+            issued_at: now,
+            jti: new.jti.clone(),
+            sealed: None,
+        }),
+        ..row.clone()
+    }
+}
