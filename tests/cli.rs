@@ -215,6 +215,8 @@ async fn ops_endpoints_report_health_readiness_and_the_contract_metrics() {
         ("tenant_tokens_issuer_request_duration_seconds", "histogram"),
         ("tenant_tokens_handle_duration_seconds", "histogram"),
         ("tenant_tokens_dead_letters", "gauge"),
+        ("tenant_tokens_revocations_total", "counter"),
+        ("tenant_tokens_revocations_pending", "gauge"),
     ] {
         assert!(
             metrics.contains(&format!("# TYPE {name} {kind}")),
@@ -222,6 +224,12 @@ async fn ops_endpoints_report_health_readiness_and_the_contract_metrics() {
         );
     }
     assert!(metrics.contains("outcome=\"provisioned\""));
+    for reason in ["rotated", "deleted", "orphan"] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason}"
+        );
+    }
 
     worker.health.breaker.trip("test");
     let not_ready = get("/readyz").await.expect("readyz");

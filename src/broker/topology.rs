@@ -198,6 +198,15 @@ pub(crate) async fn dead_letter_count(ch: &Channel) -> Result<u32, lapin::Error>
 /// Declares a private queue (exclusive, deleted with its connection) that receives every
 /// `tenant.token.ready`, for the demo, the benchmark and tests that watch the worker's output.
 pub async fn declare_ready_listener(ch: &Channel) -> Result<ShortString, lapin::Error> {
+    declare_listener(ch, TOKEN_READY).await
+}
+
+/// Declares a private queue (exclusive, deleted with its connection) that receives every
+/// event published on `tenant.events` with `routing_key` (e.g. `tenant.token.revoked`).
+pub async fn declare_listener(
+    ch: &Channel,
+    routing_key: &str,
+) -> Result<ShortString, lapin::Error> {
     let q = ch
         .queue_declare(
             "".into(),
@@ -209,14 +218,7 @@ pub async fn declare_ready_listener(ch: &Channel) -> Result<ShortString, lapin::
             FieldTable::default(),
         )
         .await?;
-    ch.queue_bind(
-        q.name().clone(),
-        EVENTS_EXCHANGE.into(),
-        TOKEN_READY.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    bind(ch, q.name().as_str(), EVENTS_EXCHANGE, routing_key).await?;
     Ok(q.name().clone())
 }
 

@@ -46,6 +46,12 @@ pub(crate) struct DemoArgs {
     /// `extension.requested` for tenants of this run (some before their `tenant.created`).
     #[arg(long, default_value_t = 150)]
     extension_requests: usize,
+    /// Tenants of this run whose token is rotated (with `now`) after they are provisioned.
+    #[arg(long, default_value_t = 5)]
+    rotations: usize,
+    /// Tenants of this run deleted after they are provisioned.
+    #[arg(long, default_value_t = 5)]
+    deletions: usize,
     /// Latency of the stub issuer.
     #[arg(long, default_value_t = 5)]
     issuer_latency_ms: u64,
@@ -96,9 +102,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let worker = start_worker(&args, &stub, &master).await?;
     writeln!(out, "  worker   consuming {}\n", topology::REQUESTS_QUEUE)?;
 
-    // 3. A collector for ready events, bound before anything is published.
+    // 3. Collectors for ready and revoked events, bound before anything is published.
     let conn = broker::connect(&args.broker.amqp_url, "tenant-tokens demo").await?;
-    let events = collect_ready_events(&conn, format!("demo-{run_id}-")).await?;
+    let prefix = format!("demo-{run_id}-");
+    let events = collect_events(&conn, topology::TOKEN_READY, prefix.clone()).await?;
+    let revoked = collect_events(&conn, topology::TOKEN_REVOKED, prefix).await?;
 
     // 4. The requests: tenant.created for each tenant, duplicates, extension requests.
     let reqs = requests(&args, &run_id);
@@ -119,16 +127,169 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     show_progress(&events, total, started, args.timeout, &mut out).await?;
     let elapsed = started.elapsed();
     writeln!(out)?;
+    let provisioned = events.lock().map(|e| e.clone()).unwrap_or_default();
+    let stats = stub.stats();
+
+    // 6. The lifecycle: rotate some tenants, delete others, wait for the revocations.
+    let lifecycle = Lifecycle::plan(&provisioned, args.rotations, args.deletions);
+    lifecycle.publish(&conn, &run_id).await?;
+    writeln!(
+        out,
+        "rotating {} tenants (now) and deleting {}",
+        lifecycle.rotated.len(),
+        lifecycle.deleted.len()
+    )?;
+    lifecycle.wait(&events, &revoked, total, args.timeout).await;
+    let revoked_by_stub = stub.revoked();
 
     worker.shutdown.cancel();
     let _ = worker.task.await;
-    let stats = stub.stats();
     stub.shutdown().await;
     let _ = conn.close(200, "demo done".into()).await;
 
-    // 6. Summary and checks.
-    let events = events.lock().map(|e| e.clone()).unwrap_or_default();
-    summarize(&events, total, tenant_set.len(), &stats, elapsed, &mut out)
+    // 7. Summary and checks.
+    let ok = summarize(
+        &provisioned,
+        total,
+        tenant_set.len(),
+        &stats,
+        elapsed,
+        &mut out,
+    )?;
+    let revoked = revoked.lock().map(|e| e.clone()).unwrap_or_default();
+    let lifecycle_ok = lifecycle.summarize(&events, &revoked, &revoked_by_stub, &mut out)?;
+    writeln!(
+        out,
+        "\n{}",
+        if ok && lifecycle_ok {
+            "demo OK"
+        } else {
+            "demo FAILED: see the marks above"
+        }
+    )?;
+    Ok(ok && lifecycle_ok)
+}
+
+/// The demo's second act: which tenants are rotated and deleted, with the fingerprints the
+/// stub must then have revoked (each exactly once).
+struct Lifecycle {
+    /// Tenant → fingerprint of its first token, to be superseded.
+    rotated: HashMap<String, String>,
+    /// Tenant → fingerprint of its token, to be revoked with it.
+    deleted: HashMap<String, String>,
+}
+
+impl Lifecycle {
+    /// Picks distinct provisioned tenants for rotation and for deletion.
+    fn plan(provisioned: &[serde_json::Value], rotations: usize, deletions: usize) -> Self {
+        let mut tokens: Vec<(String, String)> = provisioned
+            .iter()
+            .filter(|e| e["newly_issued"] == true)
+            .filter_map(|e| {
+                Some((
+                    e["tenant_id"].as_str()?.to_owned(),
+                    e["token_fingerprint"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        tokens.sort();
+        tokens.dedup_by(|a, b| a.0 == b.0);
+        let deleted = tokens.split_off(rotations.min(tokens.len()));
+        Self {
+            rotated: tokens.into_iter().collect(),
+            deleted: deleted.into_iter().take(deletions).collect(),
+        }
+    }
+
+    /// Publishes one `tenant.token.rotate` (with `now`) or `tenant.deleted` per chosen tenant.
+    async fn publish(&self, conn: &lapin::Connection, run_id: &str) -> anyhow::Result<()> {
+        let rotate = self.rotated.keys().map(|t| Request {
+            key: topology::TOKEN_ROTATE,
+            tenant: t.clone(),
+            message_id: format!("{t}-rotate-{run_id}"),
+            body: serde_json::json!({"tenant_id": t, "reason": "demo", "now": true}).to_string(),
+        });
+        let delete = self.deleted.keys().map(|t| Request {
+            key: topology::TENANT_DELETED,
+            tenant: t.clone(),
+            message_id: format!("{t}-deleted-{run_id}"),
+            body: serde_json::json!({"tenant_id": t}).to_string(),
+        });
+        publish(conn, &rotate.chain(delete).collect::<Vec<_>>()).await
+    }
+
+    /// Waits until every rotation has its ready event and every expected token its revoked
+    /// event, or `timeout`.
+    async fn wait(
+        &self,
+        ready: &Mutex<Vec<serde_json::Value>>,
+        revoked: &Mutex<Vec<serde_json::Value>>,
+        before: usize,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        let expected_revoked = self.rotated.len() + self.deleted.len();
+        while Instant::now() < deadline {
+            let ready_now = ready.lock().map(|e| e.len()).unwrap_or(0);
+            let revoked_now = revoked.lock().map(|e| e.len()).unwrap_or(0);
+            if ready_now >= before + self.rotated.len() && revoked_now >= expected_revoked {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Prints the lifecycle's checks; `Ok(true)` when each rotation made generation 2 and
+    /// exactly the expected tokens were revoked, once each, with their events.
+    fn summarize(
+        &self,
+        ready: &Mutex<Vec<serde_json::Value>>,
+        revoked: &[serde_json::Value],
+        by_stub: &[crate::tools::stub_issuer::RevokedToken],
+        out: &mut std::io::Stdout,
+    ) -> anyhow::Result<bool> {
+        let ready = ready.lock().map(|e| e.clone()).unwrap_or_default();
+        let rotations = ready
+            .iter()
+            .filter(|e| e["rotated"] == true && e["generation"] == 2)
+            .filter_map(|e| e["tenant_id"].as_str())
+            .collect::<HashSet<_>>();
+        let rotated_ok = self.rotated.keys().all(|t| rotations.contains(t.as_str()));
+        let expected: HashSet<&str> = self
+            .rotated
+            .values()
+            .chain(self.deleted.values())
+            .map(String::as_str)
+            .collect();
+        let stub_set: HashSet<&str> = by_stub.iter().map(|r| r.fingerprint.as_str()).collect();
+        let once_each = by_stub.len() == stub_set.len() && stub_set == expected;
+        let events: HashSet<&str> = revoked
+            .iter()
+            .filter_map(|e| e["token_fingerprint"].as_str())
+            .collect();
+        let events_ok = events == expected;
+        writeln!(
+            out,
+            "  tokens rotated         {} of {} {}",
+            rotations.len(),
+            self.rotated.len(),
+            mark(rotated_ok)
+        )?;
+        writeln!(
+            out,
+            "  tokens revoked         {} (expected {}, once each) {}",
+            by_stub.len(),
+            expected.len(),
+            mark(once_each)
+        )?;
+        writeln!(
+            out,
+            "  revoked events         {} {}",
+            events.len(),
+            mark(events_ok)
+        )?;
+        Ok(rotated_ok && once_each && events_ok)
+    }
 }
 
 /// The worker running inside the demo, and how to stop it.
@@ -172,18 +333,19 @@ async fn start_worker(
     Ok(DemoWorker { shutdown, task })
 }
 
-/// Ready events of this run's tenants (those whose id starts with `prefix`), gathered by a
-/// background task from a listener queue bound before anything is published.
-async fn collect_ready_events(
+/// Events with `routing_key` about this run's tenants (those whose id starts with `prefix`),
+/// gathered by a background task from a listener queue bound before anything is published.
+async fn collect_events(
     conn: &lapin::Connection,
+    routing_key: &str,
     prefix: String,
 ) -> anyhow::Result<Arc<Mutex<Vec<serde_json::Value>>>> {
     let ch = conn.create_channel().await?;
-    let queue = topology::declare_ready_listener(&ch).await?;
+    let queue = topology::declare_listener(&ch, routing_key).await?;
     let mut consumer = ch
         .basic_consume(
             queue,
-            "demo-collector".into(),
+            "".into(),
             BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()
@@ -367,17 +529,7 @@ fn summarize(
         "  elapsed                {:.2} s ({rate:.0} events/s)",
         elapsed.as_secs_f64()
     )?;
-    let ok = all_events && one_newly_each && one_token_each && calls_match;
-    writeln!(
-        out,
-        "\n{}",
-        if ok {
-            "demo OK"
-        } else {
-            "demo FAILED: see the marks above"
-        }
-    )?;
-    Ok(ok)
+    Ok(all_events && one_newly_each && one_token_each && calls_match)
 }
 
 fn mark(ok: bool) -> &'static str {
