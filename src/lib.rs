@@ -6,7 +6,9 @@
 //! [`ProvisionRequest`](domain::ProvisionRequest) → [`pipeline::provision`] (store → issuer →
 //! store, one transaction per batch) → [`pipeline::disposition`] (what becomes of each
 //! message) → [`pipeline::handle`] (publish the event or the copy, then ack) →
-//! [`pipeline::worker`] (consumer, batches, reconnection, shutdown).
+//! [`pipeline::worker`] (consumer, batches, reconnection, shutdown). Rotations and deletions
+//! take the same path to the provisioning step, which hands them to `pipeline::lifecycle`;
+//! the revoker (`pipeline::revoker`) works off the revocation queue beside the consumer.
 //!
 //! - [`domain`]: values parsed once at the edge (tenant id and name, container names, tokens,
 //!   message identity, the ready event), so nothing downstream re-validates.
