@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::provision::{Outcome, ProvisionError, Provisioner, parse_event, ready_event, recorded};
-use crate::domain::{ContainerName, ProvisionRequest};
+use crate::domain::{ContainerName, ProvisionRequest, TenantToken};
+use crate::issuer::IssuerError;
 use crate::store::lifecycle::{self, Deletion, Rotation};
 use crate::store::{self, NewToken, StoredToken, TenantRow};
 use crate::telemetry::metric;
@@ -54,25 +55,11 @@ impl Provisioner {
         if let Some(event) = self.recorded_event(&mut tx, r).await? {
             return Ok(Some(event));
         }
-        let generation = row.generation.saturating_add(1);
-        let container = ContainerName::from_stored(row.container.clone());
-        let token = match self
-            .issuer
-            .issue(&r.tenant_id, &container, generation)
-            .await
-        {
-            Ok(token) => token,
+        let (token, new, next) = match self.issue_next(r, &row, now).await? {
+            Ok(issued) => issued,
             Err(e) => return Ok(Some(Outcome::Failed(e))),
         };
-        let new = NewToken {
-            tenant_id: row.tenant_id.clone(),
-            sealed: self.cipher.seal(&r.tenant_id, &token),
-            fingerprint: token.fingerprint().as_str().to_owned(),
-            jti: token.jti(),
-        };
-        let next = next_generation(&row, &new, now);
-        let journaled = HashMap::from([(next.tenant_id.clone(), next.clone())]);
-        self.journal(std::slice::from_ref(&new), &journaled).await?;
+        let generation = next.generation;
         let stored = next
             .token
             .as_ref()
@@ -104,6 +91,36 @@ impl Provisioner {
             event.token = Some(token.expose().to_owned());
         }
         Ok(Some(Outcome::Ready(Box::new(event))))
+    }
+
+    /// Issues generation n+1 and journals it (sealed): the token, what to store, and the row
+    /// as it will be once stored at `now`. The inner `Err` is the issuer's refusal.
+    async fn issue_next(
+        &self,
+        r: &ProvisionRequest,
+        row: &TenantRow,
+        now: time::OffsetDateTime,
+    ) -> Result<Result<(TenantToken, NewToken, TenantRow), IssuerError>, ProvisionError> {
+        let generation = row.generation.saturating_add(1);
+        let container = ContainerName::from_stored(row.container.clone());
+        let token = match self
+            .issuer
+            .issue(&r.tenant_id, &container, generation)
+            .await
+        {
+            Ok(token) => token,
+            Err(e) => return Ok(Err(e)),
+        };
+        let new = NewToken {
+            tenant_id: row.tenant_id.clone(),
+            sealed: self.cipher.seal(&r.tenant_id, &token),
+            fingerprint: token.fingerprint().as_str().to_owned(),
+            jti: token.jti(),
+        };
+        let next = next_generation(row, &new, now);
+        let journaled = HashMap::from([(next.tenant_id.clone(), next.clone())]);
+        self.journal(std::slice::from_ref(&new), &journaled).await?;
+        Ok(Ok((token, new, next)))
     }
 
     /// Deletes the tenant: a tombstone, and every token not yet revoked due at once.

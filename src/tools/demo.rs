@@ -74,29 +74,13 @@ struct Request {
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut out = std::io::stdout();
+    let redact = crate::telemetry::redact_url;
     writeln!(out, "tenant-tokens demo, run {run_id}")?;
-    writeln!(
-        out,
-        "  broker   {}",
-        crate::telemetry::redact_url(&args.broker.amqp_url)
-    )?;
-    writeln!(
-        out,
-        "  database {}",
-        crate::telemetry::redact_url(&args.database.database_url)
-    )?;
+    writeln!(out, "  broker   {}", redact(&args.broker.amqp_url))?;
+    writeln!(out, "  database {}", redact(&args.database.database_url))?;
 
     // 1. The stub issuer, in this process.
-    let master = format!("demo-master-{}", uuid::Uuid::new_v4().simple());
-    let mut stub_cfg = StubConfig::new(SecretString::from(master.clone()));
-    stub_cfg.latency = Duration::from_millis(args.issuer_latency_ms);
-    let stub = StubIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), stub_cfg).await?;
-    writeln!(
-        out,
-        "  issuer   {} (stub, {} ms latency)",
-        stub.url(),
-        args.issuer_latency_ms
-    )?;
+    let (stub, master) = start_stub(&args, &mut out).await?;
 
     // 2. The worker, in this process (it migrates and declares the topology).
     let worker = start_worker(&args, &stub, &master).await?;
@@ -108,25 +92,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let events = collect_events(&conn, topology::TOKEN_READY, prefix.clone()).await?;
     let revoked = collect_events(&conn, topology::TOKEN_REVOKED, prefix).await?;
 
-    // 4. The requests: tenant.created for each tenant, duplicates, extension requests.
-    let reqs = requests(&args, &run_id);
-    let total = reqs.len();
-    let tenant_set: HashSet<&str> = reqs.iter().map(|r| r.tenant.as_str()).collect();
-    writeln!(
-        out,
-        "publishing {total} requests for {} tenants ({} tenant.created, {} duplicates, {} extension.requested)",
-        tenant_set.len(),
-        args.tenants,
-        args.duplicates.min(args.tenants),
-        args.extension_requests
-    )?;
-    let started = Instant::now();
-    publish(&conn, &reqs).await?;
-
-    // 5. Progress until every request has its ready event.
-    show_progress(&events, total, started, args.timeout, &mut out).await?;
-    let elapsed = started.elapsed();
-    writeln!(out)?;
+    // 4. and 5. The requests, and progress until each has its ready event.
+    let first = first_act(&args, &run_id, &conn, &events, &mut out).await?;
+    let (total, tenants, elapsed) = (first.total, first.tenants, first.elapsed);
     let provisioned = events.lock().map(|e| e.clone()).unwrap_or_default();
     let stats = stub.stats();
 
@@ -148,25 +116,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let _ = conn.close(200, "demo done".into()).await;
 
     // 7. Summary and checks.
-    let ok = summarize(
-        &provisioned,
-        total,
-        tenant_set.len(),
-        &stats,
-        elapsed,
-        &mut out,
-    )?;
+    let ok = summarize(&provisioned, total, tenants, &stats, elapsed, &mut out)?;
     let revoked = revoked.lock().map(|e| e.clone()).unwrap_or_default();
     let lifecycle_ok = lifecycle.summarize(&events, &revoked, &revoked_by_stub, &mut out)?;
-    writeln!(
-        out,
-        "\n{}",
-        if ok && lifecycle_ok {
-            "demo OK"
-        } else {
-            "demo FAILED: see the marks above"
-        }
-    )?;
+    let verdict = if ok && lifecycle_ok {
+        "demo OK"
+    } else {
+        "demo FAILED: see the marks above"
+    };
+    writeln!(out, "\n{verdict}")?;
     Ok(ok && lifecycle_ok)
 }
 
@@ -290,6 +248,65 @@ impl Lifecycle {
         )?;
         Ok(rotated_ok && once_each && events_ok)
     }
+}
+
+/// What the first act did.
+struct FirstAct {
+    total: usize,
+    tenants: usize,
+    elapsed: Duration,
+}
+
+/// The first act: publishes the provisioning requests and shows progress until each has its
+/// ready event (or the timeout).
+async fn first_act(
+    args: &DemoArgs,
+    run_id: &str,
+    conn: &lapin::Connection,
+    events: &Mutex<Vec<serde_json::Value>>,
+    out: &mut std::io::Stdout,
+) -> anyhow::Result<FirstAct> {
+    let reqs = requests(args, run_id);
+    let total = reqs.len();
+    let tenant_set: HashSet<&str> = reqs.iter().map(|r| r.tenant.as_str()).collect();
+    writeln!(
+        out,
+        "publishing {total} requests for {} tenants ({} tenant.created, {} duplicates, {} extension.requested)",
+        tenant_set.len(),
+        args.tenants,
+        args.duplicates.min(args.tenants),
+        args.extension_requests
+    )?;
+    let started = Instant::now();
+    publish(conn, &reqs).await?;
+
+    show_progress(events, total, started, args.timeout, out).await?;
+    let elapsed = started.elapsed();
+    writeln!(out)?;
+    Ok(FirstAct {
+        total,
+        tenants: tenant_set.len(),
+        elapsed,
+    })
+}
+
+/// Starts the stub issuer with a fresh master token; returns it and the token.
+async fn start_stub(
+    args: &DemoArgs,
+    out: &mut std::io::Stdout,
+) -> anyhow::Result<(StubIssuer, String)> {
+    let master = format!("demo-master-{}", uuid::Uuid::new_v4().simple());
+    let mut stub_cfg = StubConfig::new(SecretString::from(master.clone()));
+    stub_cfg.latency = Duration::from_millis(args.issuer_latency_ms);
+    let stub = StubIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), stub_cfg).await?;
+    writeln!(
+        out,
+        "  issuer   {} (stub, {} ms latency)",
+        stub.url(),
+        args.issuer_latency_ms
+    )?;
+
+    Ok((stub, master))
 }
 
 /// The worker running inside the demo, and how to stop it.

@@ -78,7 +78,7 @@ const BROKER_HEADER_PREFIXES: &[&str] = &["x-first-death-", "x-last-death-"];
 const DELIVERY_LIMIT_REASON: &str = "delivery_limit";
 /// The error kinds of contract §2, plus `unknown` for a message that reached the dead-letter
 /// queue without any dead-letter headers (published to the exchange by hand, say).
-const KINDS: [&str; 4] = ["invalid", "rejected", "exhausted", "unknown"];
+const KINDS: [&str; 5] = ["invalid", "rejected", "exhausted", "gone", "unknown"];
 /// Longest error shown in the `list` table; `show` and `--json` print it whole.
 const TABLE_ERROR_CHARS: usize = 80;
 /// Widest tenant or routing key column in the `list` table.
