@@ -242,3 +242,80 @@ async fn ops_endpoints_report_health_readiness_and_the_contract_metrics() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// `tenant-tokens` run to completion off the test's threads (it may wait for the worker).
+async fn tenant_tokens_async(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        tenant_tokens(&args, &env)
+    })
+    .await
+    .expect("tenant-tokens finished")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rotate_waits_for_the_new_generation_and_token_show_lists_the_old_one() {
+    let env = TestEnv::new().await;
+    let stub = support::stub_issuer(Duration::ZERO).await;
+    let events = support::Collector::ready_events(&env).await;
+    let worker = env
+        .start_worker(&stub.url(), &["--rotation-grace", "1h"])
+        .await;
+    let producer = support::Producer::new(&env).await;
+    let t = support::tenant("cli-rot");
+    producer
+        .request("tenant.created", serde_json::json!({"tenant_id": t}), None)
+        .await;
+    let first = events.wait_for(1, Duration::from_secs(30)).await[0].json();
+    let db = [("DATABASE_URL", env.database_url.as_str())];
+    let amqp = [("AMQP_URL", env.amqp_url.as_str())];
+
+    let rotated = tenant_tokens_async(
+        &["token", "rotate", &t, "--reason", "leak", "--wait"],
+        &amqp,
+    )
+    .await;
+    let shown = tenant_tokens_async(&["token", "show", &t, "--json"], &db).await;
+    let unknown = tenant_tokens_async(&["token", "rotate", "-bad-"], &amqp).await;
+
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let event: serde_json::Value =
+        serde_json::from_slice(&rotated.stdout).expect("the ready event as JSON");
+    assert_eq!(event["tenant_id"], t.as_str());
+    assert_eq!(event["rotated"], true);
+    assert_eq!(event["newly_issued"], true);
+    assert_eq!(event["generation"], 2);
+    assert_ne!(event["token_fingerprint"], first["token_fingerprint"]);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let show: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON");
+    assert_eq!(show["generation"], 2);
+    assert_eq!(show["token_fingerprint"], event["token_fingerprint"]);
+    let past = &show["past_tokens"][0];
+    assert_eq!(past["generation"], 1);
+    assert_eq!(past["token_fingerprint"], first["token_fingerprint"]);
+    assert_eq!(past["reason"], "rotated");
+    assert!(past["revoked_at"].is_null(), "within the grace: {past}");
+    assert_eq!(
+        unknown.status.code(),
+        Some(2),
+        "an invalid tenant id is a usage error"
+    );
+
+    worker.stop().await;
+    stub.shutdown().await;
+    env.cleanup().await;
+}

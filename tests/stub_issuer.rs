@@ -7,7 +7,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use tenant_tokens::tools::stub_issuer::{StubConfig, StubIssuer, StubMode, StubStats};
+use sha2::{Digest, Sha256};
+use tenant_tokens::tools::stub_issuer::{
+    RevokedToken, StubConfig, StubIssuer, StubMode, StubStats,
+};
 
 const MASTER: &str = "test-master-token";
 
@@ -41,6 +44,55 @@ async fn issue(
     let resp = req.send().await.expect("request sent");
     let status = resp.status().as_u16();
     (status, resp.text().await.expect("body read"))
+}
+
+/// Issues a token for `ten` with the master token and returns it.
+async fn mint(client: &reqwest::Client, stub: &StubIssuer, ten: &str) -> String {
+    let (status, token) = issue(client, stub, Some(MASTER), None, json!({ "ten": ten })).await;
+    assert_eq!(status, 200, "issue for {ten}: {token}");
+    token
+}
+
+/// `{stub}/{path}` with `token` as a properly encoded query parameter, if given.
+fn token_url(stub: &StubIssuer, path: &str, token: Option<&str>) -> reqwest::Url {
+    let mut url = reqwest::Url::parse(&format!("{}{path}", stub.url())).expect("stub URL");
+    if let Some(token) = token {
+        url.query_pairs_mut().append_pair("token", token);
+    }
+    url
+}
+
+/// Sends a revoke request; returns status and body text.
+async fn revoke(
+    client: &reqwest::Client,
+    stub: &StubIssuer,
+    bearer: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut req = client.post(token_url(stub, "/api/tokens/revoke", token));
+    if let Some(bearer) = bearer {
+        req = req.bearer_auth(bearer);
+    }
+    let resp = req.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("body read"))
+}
+
+/// Sends an inspect request with the master token; returns status and body text.
+async fn inspect(client: &reqwest::Client, stub: &StubIssuer, token: &str) -> (u16, String) {
+    let resp = client
+        .get(token_url(stub, "/api/tokens/inspect", Some(token)))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .expect("request sent");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("body read"))
+}
+
+/// The contract's fingerprint: first 16 hex chars of SHA-256 of the token.
+fn fingerprint(token: &str) -> String {
+    hex::encode(&Sha256::digest(token.as_bytes())[..8])
 }
 
 fn payload(token: &str) -> Value {
@@ -302,5 +354,209 @@ async fn healthz_and_many_concurrent_requests() {
     assert_eq!(stats.replayed, 200);
     assert_eq!(stats.distinct_containers, 100);
     assert_eq!(stats.issued_per_container_max, 1);
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoking_an_issued_token_is_200_and_inspect_then_says_gone() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let token = mint(&client, &stub, "acme-corp").await;
+    let (status, body) = inspect(&client, &stub, &token).await;
+    assert_eq!(status, 200, "{body}");
+    let live: Value = serde_json::from_str(&body).expect("inspect JSON");
+    assert_eq!(live["ten"], "acme-corp");
+    assert_eq!(live["jti"], payload(&token)["jti"]);
+
+    let (status, body) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = inspect(&client, &stub, &token).await;
+    assert_eq!(status, 410);
+    let stats = stub.stats();
+    assert_eq!((stats.revoke_requests, stats.revoked), (1, 1));
+    // Revocations do not disturb the issue-side counters.
+    assert_eq!((stats.requests, stats.issued, stats.failed), (1, 1, 0));
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn second_revoke_is_400_already_revoked_and_counts_in_revoke_calls() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let token = mint(&client, &stub, "acme-corp").await;
+    let (first, _) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    let (second, body) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    assert_eq!((first, second), (200, 400));
+    assert!(body.contains("token already revoked"), "{body}");
+    let revoked = stub.revoked();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].revoke_calls, 2);
+    let stats = stub.stats();
+    assert_eq!((stats.revoked, stats.revoke_rejected), (1, 1));
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_revokes_of_one_token_revoke_it_exactly_once() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let token = mint(&client, &stub, "acme-corp").await;
+    let calls = (0..20).map(|_| revoke(&client, &stub, Some(MASTER), Some(&token)));
+    let mut statuses: Vec<u16> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|(status, _)| status)
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses[0], 200);
+    assert!(statuses[1..].iter().all(|s| *s == 400), "{statuses:?}");
+    assert_eq!(stub.revoked()[0].revoke_calls, 20);
+    assert_eq!(stub.stats().revoked, 1);
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_token_is_404_token_unknown() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let stranger = "eyJhbGciOiJIUzI1NiJ9.eyJ0ZW4iOiJ4In0.c2ln";
+    let (status, body) = revoke(&client, &stub, Some(MASTER), Some(stranger)).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("token unknown"), "{body}");
+    let (status, _) = inspect(&client, &stub, stranger).await;
+    assert_eq!(status, 404);
+    assert!(stub.revoked().is_empty());
+    assert_eq!(stub.stats().revoke_rejected, 1);
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_token_parameter_is_400_that_does_not_read_as_revoked() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    for token in [None, Some("")] {
+        let (status, body) = revoke(&client, &stub, Some(MASTER), token).await;
+        assert_eq!(status, 400);
+        assert!(body.contains("missing token"), "{body}");
+        assert!(!body.contains("unknown") && !body.contains("already revoked"));
+    }
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoke_and_inspect_with_wrong_bearer_are_403_and_revoke_nothing() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let token = mint(&client, &stub, "acme-corp").await;
+    let (status, body) = revoke(&client, &stub, Some("nope"), Some(&token)).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("JSON"),
+        json!({"error": "forbidden"})
+    );
+    let (status, _) = revoke(&client, &stub, None, Some(&token)).await;
+    assert_eq!(status, 403);
+    let resp = client
+        .get(token_url(&stub, "/api/tokens/inspect", Some(&token)))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 403);
+
+    assert_eq!(inspect(&client, &stub, &token).await.0, 200);
+    assert!(stub.revoked().is_empty());
+    let stats = stub.stats();
+    assert_eq!((stats.revoke_unauthorized, stats.revoked), (2, 0));
+    assert_eq!(stats.unauthorized, 0, "issue counters untouched");
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoke_mode_fails_revocations_while_issue_works_and_vice_versa() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let token = mint(&client, &stub, "acme-corp").await;
+
+    stub.set_revoke_mode(StubMode::FailAll(503));
+    let (status, _) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    assert_eq!(status, 503);
+    let other = mint(&client, &stub, "other-corp").await;
+    assert_eq!(inspect(&client, &stub, &token).await.0, 200, "not revoked");
+
+    stub.set_revoke_mode(StubMode::Unauthorized);
+    let (status, _) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    assert_eq!(status, 401);
+
+    // Over HTTP too, for other processes; latency belongs to /stub/mode.
+    let set = |body: Value| {
+        client
+            .post(format!("{}/stub/revoke-mode", stub.url()))
+            .json(&body)
+            .send()
+    };
+    let resp = set(json!({"mode": "fail_next", "n": 1}))
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 204);
+    let resp = set(json!({"latency_ms": 5})).await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 400);
+    let (first, _) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    let (second, _) = revoke(&client, &stub, Some(MASTER), Some(&token)).await;
+    assert_eq!((first, second), (503, 200));
+
+    stub.set_mode(StubMode::FailAll(503));
+    let (status, _) = issue(&client, &stub, Some(MASTER), None, json!({"ten": "t"})).await;
+    assert_eq!(status, 503);
+    let (status, _) = revoke(&client, &stub, Some(MASTER), Some(&other)).await;
+    assert_eq!(status, 200, "revoke works while issue fails");
+
+    let stats = stub.stats();
+    assert_eq!(stats.revoke_failed, 2);
+    assert_eq!(stats.revoke_unauthorized, 1);
+    assert_eq!(stats.revoked, 2);
+    // Calls refused before the lookup do not count as calls naming the token.
+    assert_eq!(stub.revoked()[0].revoke_calls, 1);
+    stub.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoked_list_names_tokens_by_fingerprint_never_by_text() {
+    let stub = start().await;
+    let client = reqwest::Client::new();
+    let kept = mint(&client, &stub, "kept-corp").await;
+    let gone = mint(&client, &stub, "gone-corp").await;
+    let before = time::OffsetDateTime::now_utc();
+    assert_eq!(
+        revoke(&client, &stub, Some(MASTER), Some(&gone)).await.0,
+        200
+    );
+
+    let resp = client
+        .get(format!("{}/stub/revoked", stub.url()))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("body");
+    for token in [&kept, &gone] {
+        let signature = token.rsplit('.').next().expect("JWT signature");
+        assert!(!text.contains(signature), "token text listed: {text}");
+    }
+    let raw: Value = serde_json::from_str(&text).expect("JSON");
+    let entry = &raw.as_array().expect("array")[0];
+    assert_eq!(entry["fingerprint"], fingerprint(&gone));
+    assert_eq!(entry["jti"], payload(&gone)["jti"]);
+    assert_eq!(entry["ten"], "gone-corp");
+    assert_eq!(entry["revoke_calls"], 1);
+    let revoked_at = entry["revoked_at"].as_str().expect("revoked_at text");
+    let revoked_at =
+        time::OffsetDateTime::parse(revoked_at, &time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339");
+    assert!(revoked_at >= before);
+
+    let listed: Vec<RevokedToken> = serde_json::from_str(&text).expect("typed list");
+    assert_eq!(listed, stub.revoked());
+    assert_eq!(listed.len(), 1, "only the revoked token is listed");
     stub.shutdown().await;
 }

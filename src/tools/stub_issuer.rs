@@ -2,13 +2,24 @@
 //!
 //! The real issuer is a remote service we cannot run on a laptop, in CI or in a
 //! benchmark, and it cannot be told to fail on purpose. This stub speaks the same
-//! `POST /api/tokens/issue` protocol (CONTRACT §4) over real HTTP, so the worker is
-//! exercised exactly as in production, and adds what tests need on top:
+//! protocol over real HTTP, so the worker is exercised exactly as in production, and
+//! adds what tests need on top:
 //!
+//! * `POST /api/tokens/issue` (CONTRACT §4): mints a JWT-shaped token for `ten`;
+//! * `POST /api/tokens/revoke?token=…` (CONTRACT §10): `200` when it revokes a token
+//!   it issued, `404` `token unknown` for a token it never issued, `400`
+//!   `token already revoked` for a repeated revoke, `400` `missing token` without a
+//!   `token` parameter;
+//! * `GET /api/tokens/inspect?token=…`: `200` with `{"ten","jti","issued_at"}` for a
+//!   live token, `410 Gone` for a revoked one, `404` for an unknown one;
 //! * latency and failure injection (per process: `--latency-ms`, `--fail-rate`, ...;
-//!   at run time: [`StubIssuer::set_mode`] or `POST /stub/mode` from another process);
+//!   at run time: [`StubIssuer::set_mode`] or `POST /stub/mode` for issue, and
+//!   separately [`StubIssuer::set_revoke_mode`] or `POST /stub/revoke-mode` for
+//!   revoke, so one can fail while the other works);
 //! * counters (`GET /stub/stats`, [`StubIssuer::stats`]) that let a test check the
-//!   contract's central promise: one newly minted token per container, ever.
+//!   contract's central promise: one newly minted token per container, ever;
+//! * the list of revoked tokens (`GET /stub/revoked`, [`StubIssuer::revoked`]), so a
+//!   test can check that exactly the right tokens were revoked, once each.
 //!
 //! Order of checks for an issue request, so a test knows what it will get:
 //! latency, then the run-time mode (`unauthorized` → 401, `fail_*` → the status),
@@ -17,7 +28,22 @@
 //! Injected failures come before authentication because they stand for an
 //! overloaded proxy in front of the issuer.
 //!
-//! Neither the master token nor any token is ever logged.
+//! A revoke request is checked in the same style: latency, then the run-time revoke
+//! mode (`--fail-rate` applies to issue only), then the bearer token (403), then the
+//! `token` parameter (400 `missing token`), then the lookup (404 / 400 / 200).
+//! Only calls that get as far as the lookup count in a token's `revoke_calls`.
+//! Inspect checks only the bearer token: it has no latency and no injected
+//! failures, because tests use it to observe, not to exercise the worker.
+//!
+//! The stub remembers every token it mints (by SHA-256 of the token) so it can answer
+//! revoke and inspect; at most [`MAX_TRACKED_TOKENS`] of them. Past that the issue
+//! endpoint answers `503` (ledger full) rather than forget tokens and answer a later
+//! revoke wrongly; restart the stub to start over. A replay by `Idempotency-Key`
+//! answers the same token even after it was revoked, as a response cache would;
+//! rotation uses a new key per generation (CONTRACT §10), so it never meets this.
+//!
+//! Neither the master token nor any token is ever logged or listed: revoked tokens
+//! are shown by fingerprint (the first 16 hex chars of SHA-256 of the token).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,7 +56,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,6 +68,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +82,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Fixed JWT header; the stub only pretends to sign with HS256.
 const JWT_HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+/// How many minted tokens the stub remembers for revoke and inspect. A test tool
+/// need not scale further, and a bound keeps a runaway soak from eating the
+/// machine (each entry is a few hundred bytes with the idempotency map). Past it,
+/// issue answers 503 instead of minting tokens it could not revoke later.
+pub const MAX_TRACKED_TOKENS: usize = 1_000_000;
 
 /// Restrictions the real issuer expects as numbers; rejecting other types here
 /// catches configuration mistakes in the worker before they reach production.
@@ -83,7 +118,7 @@ pub struct StubArgs {
     #[arg(long, env = "ISSUER_MASTER_TOKEN_FILE")]
     pub master_token_file: Option<PathBuf>,
 
-    /// Latency added to every issue request, in milliseconds.
+    /// Latency added to every issue and revoke request, in milliseconds.
     #[arg(long, env = "STUB_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
 
@@ -181,7 +216,7 @@ impl StubArgs {
 pub struct StubConfig {
     /// The only bearer token the stub accepts; kept secret so it is never printed.
     pub master_token: SecretString,
-    /// Added before answering each issue request, to model a slow issuer.
+    /// Added before answering each issue and revoke request, to model a slow issuer.
     pub latency: Duration,
     /// Uniform extra 0..=jitter on top of `latency`, to spread concurrent calls.
     pub latency_jitter: Duration,
@@ -222,7 +257,8 @@ impl StubConfig {
     }
 }
 
-/// Run-time behaviour of the issue endpoint, switched by tests to inject faults.
+/// Run-time behaviour of the issue endpoint, or (set separately) of the revoke
+/// endpoint, switched by tests to inject faults into one while the other works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StubMode {
     /// Answer normally (subject to the configured latency and `fail_rate`).
@@ -260,6 +296,57 @@ pub struct StubStats {
     pub distinct_containers: u64,
     /// The most new tokens minted for one container; 1 in a fault-free run.
     pub issued_per_container_max: u64,
+    /// Revoke requests received (any outcome); kept apart from `requests` so
+    /// issue-side arithmetic (e.g. requests in flight) is unaffected by revocations.
+    pub revoke_requests: u64,
+    /// Distinct tokens revoked (200 answers); a repeated revoke does not count.
+    pub revoked: u64,
+    /// Revoke requests answered with an injected failure (revoke mode `fail_*`).
+    pub revoke_failed: u64,
+    /// Revoke requests answered 401 (revoke mode `unauthorized`) or 403 (bearer).
+    pub revoke_unauthorized: u64,
+    /// Revoke requests answered 400 or 404: missing token, unknown token, already
+    /// revoked. With the others this accounts for every answered revoke request.
+    pub revoke_rejected: u64,
+}
+
+/// A token the stub revoked, as listed by [`StubIssuer::revoked`] and
+/// `GET /stub/revoked`, so tests can check which tokens were revoked and how often
+/// the worker asked. Carries the fingerprint, never the token itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokedToken {
+    /// The token's `jti` claim, as the worker stores it for revocation.
+    pub jti: String,
+    /// The container the token was scoped to.
+    pub ten: String,
+    /// The first 16 hex characters of SHA-256 of the token (as in CONTRACT §7).
+    pub fingerprint: String,
+    /// When the stub minted the token (RFC 3339 over HTTP).
+    #[serde(with = "rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// When the first successful revoke call arrived (RFC 3339 over HTTP).
+    #[serde(with = "rfc3339")]
+    pub revoked_at: OffsetDateTime,
+    /// Revoke calls that named this token and reached the lookup: the one answered
+    /// 200 plus the repeats answered 400; 1 when the worker revoked exactly once.
+    pub revoke_calls: u64,
+}
+
+/// RFC 3339 text for timestamps in the stub's JSON, matching the contract's events.
+mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    pub(super) fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        let text = t.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let text = String::deserialize(d)?;
+        OffsetDateTime::parse(&text, &Rfc3339).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A running stub. Dropping it does not stop it (the server task keeps serving on
@@ -280,7 +367,7 @@ impl fmt::Debug for StubIssuer {
 }
 
 impl StubIssuer {
-    /// Binds `listen` (port 0 picks a free port, see [`StubIssuer::addr`]) and
+    /// Binds `listen` (port 0 picks a free port, see [`StubIssuer::url`]) and
     /// spawns the server on the current tokio runtime, so a test can start a stub
     /// in one line and point the worker at [`StubIssuer::url`].
     pub async fn start(listen: SocketAddr, config: StubConfig) -> std::io::Result<StubIssuer> {
@@ -323,6 +410,18 @@ impl StubIssuer {
     /// Changes the issue endpoint's behaviour at run time (fault tests).
     pub fn set_mode(&self, mode: StubMode) {
         self.shared.set_mode(mode);
+    }
+
+    /// Changes the revoke endpoint's behaviour at run time, independently of the
+    /// issue endpoint, so a test can fail revocations while issuing keeps working.
+    pub fn set_revoke_mode(&self, mode: StubMode) {
+        self.shared.set_revoke_mode(mode);
+    }
+
+    /// The tokens revoked so far, in the order they were revoked, so a test can
+    /// check that exactly the right tokens were revoked, once each.
+    pub fn revoked(&self) -> Vec<RevokedToken> {
+        lock(&self.shared.ledger).revoked_list()
     }
 
     /// Changes the fixed part of the per-request latency at run time (timeout tests).
@@ -378,6 +477,11 @@ struct Counters {
     unauthorized: AtomicU64,
     distinct_containers: AtomicU64,
     issued_per_container_max: AtomicU64,
+    revoke_requests: AtomicU64,
+    revoked: AtomicU64,
+    revoke_failed: AtomicU64,
+    revoke_unauthorized: AtomicU64,
+    revoke_rejected: AtomicU64,
 }
 
 /// A token minted for an idempotency key, with the container it was minted for.
@@ -386,12 +490,74 @@ struct Minted {
     token: String,
 }
 
+/// What the stub remembers of a token it minted, for revoke, inspect and the
+/// revoked list; keyed by SHA-256 of the token, so the token text is not kept twice.
+struct TokenRecord {
+    ten: String,
+    jti: String,
+    issued_at: OffsetDateTime,
+    revoked_at: Option<OffsetDateTime>,
+    revoke_calls: u64,
+}
+
 /// State that must change together; behind a mutex held only for a few map
 /// operations and one hash, never across an await.
 #[derive(Default)]
 struct Ledger {
     by_key: HashMap<String, Minted>,
     per_container: HashMap<String, u64>,
+    tokens: HashMap<[u8; 32], TokenRecord>,
+    /// Digests of revoked tokens in revocation order, for a stable list.
+    revoked_order: Vec<[u8; 32]>,
+}
+
+impl Ledger {
+    /// Records a revoke call for the token with this digest and says what to answer.
+    fn revoke(&mut self, digest: &[u8; 32], now: OffsetDateTime) -> RevokeAnswer {
+        let Some(record) = self.tokens.get_mut(digest) else {
+            return RevokeAnswer::Unknown;
+        };
+        record.revoke_calls += 1;
+        let fingerprint = fingerprint(digest);
+        if record.revoked_at.is_some() {
+            return RevokeAnswer::AlreadyRevoked { fingerprint };
+        }
+        record.revoked_at = Some(now);
+        let answer = RevokeAnswer::Revoked {
+            fingerprint,
+            ten: record.ten.clone(),
+            jti: record.jti.clone(),
+            revoked_at: now,
+        };
+        self.revoked_order.push(*digest);
+        answer
+    }
+
+    /// The revoked tokens in revocation order (fingerprints only, never the token).
+    fn revoked_list(&self) -> Vec<RevokedToken> {
+        self.revoked_order
+            .iter()
+            .filter_map(|digest| {
+                let record = self.tokens.get(digest)?;
+                Some(RevokedToken {
+                    jti: record.jti.clone(),
+                    ten: record.ten.clone(),
+                    fingerprint: fingerprint(digest),
+                    issued_at: record.issued_at,
+                    revoked_at: record.revoked_at?,
+                    revoke_calls: record.revoke_calls,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A validated issue request: the container, the extra restrictions and the
+/// idempotency key (None when absent or when idempotency is switched off).
+struct IssueRequest {
+    ten: String,
+    extra: Map<String, Value>,
+    key: Option<String>,
 }
 
 struct Shared {
@@ -402,7 +568,10 @@ struct Shared {
     fail_rate: f64,
     fail_status: u16,
     honour_idempotency: bool,
+    /// [`MAX_TRACKED_TOKENS`], a field so unit tests can reach the bound cheaply.
+    token_cap: usize,
     mode: Mutex<StubMode>,
+    revoke_mode: Mutex<StubMode>,
     ledger: Mutex<Ledger>,
     counters: Counters,
 }
@@ -415,6 +584,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The injected failure a mode calls for, if any; counts down `FailNext`.
+fn mode_fault(mode: &Mutex<StubMode>) -> Option<Fault> {
+    let mut mode = lock(mode);
+    match *mode {
+        StubMode::Normal => None,
+        StubMode::Unauthorized => Some(Fault::MasterRevoked),
+        StubMode::FailAll(status) => Some(Fault::Injected(status)),
+        StubMode::FailNext { n, status } => {
+            *mode = if n <= 1 {
+                StubMode::Normal
+            } else {
+                StubMode::FailNext { n: n - 1, status }
+            };
+            (n >= 1).then_some(Fault::Injected(status))
+        }
+    }
 }
 
 impl Shared {
@@ -432,7 +619,9 @@ impl Shared {
             },
             fail_status: config.fail_status,
             honour_idempotency: config.honour_idempotency,
+            token_cap: MAX_TRACKED_TOKENS,
             mode: Mutex::new(StubMode::Normal),
+            revoke_mode: Mutex::new(StubMode::Normal),
             ledger: Mutex::new(Ledger::default()),
             counters: Counters::default(),
         }
@@ -440,20 +629,31 @@ impl Shared {
 
     fn stats(&self) -> StubStats {
         let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         StubStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            issued: c.issued.load(Ordering::Relaxed),
-            replayed: c.replayed.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-            unauthorized: c.unauthorized.load(Ordering::Relaxed),
-            distinct_containers: c.distinct_containers.load(Ordering::Relaxed),
-            issued_per_container_max: c.issued_per_container_max.load(Ordering::Relaxed),
+            requests: get(&c.requests),
+            issued: get(&c.issued),
+            replayed: get(&c.replayed),
+            failed: get(&c.failed),
+            unauthorized: get(&c.unauthorized),
+            distinct_containers: get(&c.distinct_containers),
+            issued_per_container_max: get(&c.issued_per_container_max),
+            revoke_requests: get(&c.revoke_requests),
+            revoked: get(&c.revoked),
+            revoke_failed: get(&c.revoke_failed),
+            revoke_unauthorized: get(&c.revoke_unauthorized),
+            revoke_rejected: get(&c.revoke_rejected),
         }
     }
 
     fn set_mode(&self, mode: StubMode) {
         *lock(&self.mode) = mode;
         tracing::info!(?mode, "stub issuer mode changed");
+    }
+
+    fn set_revoke_mode(&self, mode: StubMode) {
+        *lock(&self.revoke_mode) = mode;
+        tracing::info!(?mode, "stub issuer revoke mode changed");
     }
 
     fn set_latency(&self, latency: Duration) {
@@ -473,54 +673,65 @@ impl Shared {
         }
     }
 
-    /// The injected failure for this request, if any (mode first, then fail rate).
-    fn injected_failure(&self) -> Option<Answer> {
-        {
-            let mut mode = lock(&self.mode);
-            match *mode {
-                StubMode::Normal => {}
-                StubMode::Unauthorized => return Some(Answer::Revoked),
-                StubMode::FailAll(status) => return Some(Answer::Injected(status)),
-                StubMode::FailNext { n, status } => {
-                    if n <= 1 {
-                        *mode = StubMode::Normal;
-                    } else {
-                        *mode = StubMode::FailNext { n: n - 1, status };
-                    }
-                    if n >= 1 {
-                        return Some(Answer::Injected(status));
-                    }
-                }
-            }
+    /// Waits this request's delay (the modelled slowness of the issuer).
+    async fn wait_latency(&self) {
+        let delay = self.delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Injected failures and authentication for issue, in the documented order:
+    /// run-time mode, then `--fail-rate`, then the bearer token.
+    fn issue_fault(&self, headers: &HeaderMap) -> Option<Fault> {
+        if let Some(fault) = mode_fault(&self.mode) {
+            return Some(fault);
         }
         if self.fail_rate > 0.0 && rand::rng().random_bool(self.fail_rate) {
-            return Some(Answer::Injected(self.fail_status));
+            return Some(Fault::Injected(self.fail_status));
         }
-        None
+        (!self.authorized(headers)).then_some(Fault::Forbidden)
+    }
+
+    /// Injected failures and authentication for revoke: the revoke mode, then the
+    /// bearer token (`--fail-rate` is for issue only).
+    fn revoke_fault(&self, headers: &HeaderMap) -> Option<Fault> {
+        if let Some(fault) = mode_fault(&self.revoke_mode) {
+            return Some(fault);
+        }
+        (!self.authorized(headers)).then_some(Fault::Forbidden)
     }
 
     /// Everything after the latency; synchronous, so no lock can be held across
     /// an await.
     fn handle_issue(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
-        if let Some(answer) = self.injected_failure() {
-            return answer;
+        if let Some(fault) = self.issue_fault(headers) {
+            return Answer::Fault(fault);
         }
-        if !self.authorized(headers) {
-            return Answer::Forbidden;
+        match self.parse_issue_request(headers, body) {
+            Ok(request) => self.mint_or_replay(request),
+            Err(why) => Answer::BadRequest(why),
         }
-        let (ten, extra) = match parse_issue_body(body) {
-            Ok(parsed) => parsed,
-            Err(why) => return Answer::BadRequest(why),
-        };
+    }
+
+    /// The body and the `Idempotency-Key` (ignored when idempotency is off).
+    fn parse_issue_request(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<IssueRequest, String> {
+        let (ten, extra) = parse_issue_body(body)?;
         let key = if self.honour_idempotency {
-            match idempotency_key(headers) {
-                Ok(key) => key,
-                Err(why) => return Answer::BadRequest(why),
-            }
+            idempotency_key(headers)?
         } else {
             None
         };
+        Ok(IssueRequest { ten, extra, key })
+    }
 
+    /// Replays the token of a known idempotency key, or mints and records a new one.
+    fn mint_or_replay(&self, request: IssueRequest) -> Answer {
+        let IssueRequest { ten, extra, key } = request;
         let mut ledger = lock(&self.ledger);
         if let Some(key) = &key
             && let Some(minted) = ledger.by_key.get(key)
@@ -537,8 +748,36 @@ impl Shared {
                 ten,
             };
         }
-        let token = self.mint(&ten, extra);
-        let count = ledger.per_container.entry(ten.clone()).or_insert(0);
+        if ledger.tokens.len() >= self.token_cap {
+            return Answer::LedgerFull;
+        }
+        let (token, jti) = self.mint(&ten, extra);
+        self.record_minted(&mut ledger, &ten, &token, jti);
+        if let Some(key) = key {
+            let minted = Minted {
+                ten: ten.clone(),
+                token: token.clone(),
+            };
+            ledger.by_key.insert(key, minted);
+        }
+        Answer::Issued {
+            token,
+            ten,
+            replayed: false,
+        }
+    }
+
+    /// Remembers a new token for revoke/inspect and updates the per-container counts.
+    fn record_minted(&self, ledger: &mut Ledger, ten: &str, token: &str, jti: String) {
+        let record = TokenRecord {
+            ten: ten.to_owned(),
+            jti,
+            issued_at: OffsetDateTime::now_utc(),
+            revoked_at: None,
+            revoke_calls: 0,
+        };
+        ledger.tokens.insert(sha256(token.as_bytes()), record);
+        let count = ledger.per_container.entry(ten.to_owned()).or_insert(0);
         *count += 1;
         let count = *count;
         if count == 1 {
@@ -549,19 +788,39 @@ impl Shared {
         self.counters
             .issued_per_container_max
             .fetch_max(count, Ordering::Relaxed);
-        if let Some(key) = key {
-            ledger.by_key.insert(
-                key,
-                Minted {
-                    ten: ten.clone(),
-                    token: token.clone(),
-                },
-            );
+    }
+
+    /// Everything of a revoke after the latency, in the documented order.
+    fn handle_revoke(
+        &self,
+        headers: &HeaderMap,
+        token: Result<String, &'static str>,
+    ) -> RevokeAnswer {
+        if let Some(fault) = self.revoke_fault(headers) {
+            return RevokeAnswer::Fault(fault);
         }
-        Answer::Issued {
-            token,
-            ten,
-            replayed: false,
+        let token = match token {
+            Ok(token) => token,
+            Err(why) => return RevokeAnswer::BadQuery(why),
+        };
+        let digest = sha256(token.as_bytes());
+        lock(&self.ledger).revoke(&digest, OffsetDateTime::now_utc())
+    }
+
+    /// What inspect answers for a token: unknown, revoked, or live with its claims.
+    fn inspect(&self, token: &str) -> InspectAnswer {
+        let digest = sha256(token.as_bytes());
+        let ledger = lock(&self.ledger);
+        match ledger.tokens.get(&digest) {
+            None => InspectAnswer::Unknown,
+            Some(record) => match record.revoked_at {
+                Some(revoked_at) => InspectAnswer::Revoked { revoked_at },
+                None => InspectAnswer::Live {
+                    ten: record.ten.clone(),
+                    jti: record.jti.clone(),
+                    issued_at: record.issued_at,
+                },
+            },
         }
     }
 
@@ -582,19 +841,17 @@ impl Shared {
         ct_eq(&sha256(presented), &self.master_digest)
     }
 
-    /// A JWT-shaped token: `ten`, a fresh `jti` and `iat`, plus the extra
-    /// restrictions; "signed" with SHA-256 over the signing input and the master
-    /// token, which is enough for a stub and needs no extra dependency.
-    fn mint(&self, ten: &str, extra: Map<String, Value>) -> String {
+    /// A JWT-shaped token and its `jti`: `ten`, a fresh `jti` and `iat`, plus the
+    /// extra restrictions; "signed" with SHA-256 over the signing input and the
+    /// master token, which is enough for a stub and needs no extra dependency.
+    fn mint(&self, ten: &str, extra: Map<String, Value>) -> (String, String) {
+        let jti = uuid::Uuid::new_v4().simple().to_string();
         let mut payload = extra;
         payload.insert("ten".into(), Value::String(ten.to_owned()));
-        payload.insert(
-            "jti".into(),
-            Value::String(uuid::Uuid::new_v4().simple().to_string()),
-        );
+        payload.insert("jti".into(), Value::String(jti.clone()));
         payload.insert(
             "iat".into(),
-            Value::from(time::OffsetDateTime::now_utc().unix_timestamp()),
+            Value::from(OffsetDateTime::now_utc().unix_timestamp()),
         );
         let header = URL_SAFE_NO_PAD.encode(JWT_HEADER);
         let payload = URL_SAFE_NO_PAD.encode(Value::Object(payload).to_string());
@@ -603,8 +860,13 @@ impl Shared {
         hasher.update(signing_input.as_bytes());
         hasher.update(self.master_token.expose_secret().as_bytes());
         let signature = URL_SAFE_NO_PAD.encode(hasher.finalize());
-        format!("{signing_input}.{signature}")
+        (format!("{signing_input}.{signature}"), jti)
     }
+}
+
+/// The public fingerprint of a token from its SHA-256: the first 16 hex chars.
+fn fingerprint(digest: &[u8; 32]) -> String {
+    hex::encode(&digest[..8])
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -663,16 +925,26 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
 // ---------------------------------------------------------------------------
 // HTTP
 
+/// A request refused before its content is looked at: an injected failure or a
+/// failed authentication. Shared by issue and revoke so both answer alike.
+enum Fault {
+    /// An injected failure with this status (run-time mode or `--fail-rate`).
+    Injected(u16),
+    /// Mode `Unauthorized`: 401 as if the master token had been revoked.
+    MasterRevoked,
+    /// Missing or wrong bearer token: 403.
+    Forbidden,
+}
+
 /// What the issue endpoint answers; computed synchronously, rendered afterwards.
 enum Answer {
-    Injected(u16),
-    Revoked,
-    Forbidden,
+    Fault(Fault),
     BadRequest(String),
     KeyReused {
         first_ten: String,
         ten: String,
     },
+    LedgerFull,
     Issued {
         token: String,
         ten: String,
@@ -680,11 +952,50 @@ enum Answer {
     },
 }
 
+/// What the revoke endpoint answers; computed synchronously, rendered afterwards.
+enum RevokeAnswer {
+    Fault(Fault),
+    BadQuery(&'static str),
+    Unknown,
+    AlreadyRevoked {
+        fingerprint: String,
+    },
+    Revoked {
+        fingerprint: String,
+        ten: String,
+        jti: String,
+        revoked_at: OffsetDateTime,
+    },
+}
+
+/// What the inspect endpoint answers for an authenticated request with a token.
+enum InspectAnswer {
+    Unknown,
+    Revoked {
+        revoked_at: OffsetDateTime,
+    },
+    Live {
+        ten: String,
+        jti: String,
+        issued_at: OffsetDateTime,
+    },
+}
+
+/// The query of revoke and inspect; other parameters are ignored.
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/tokens/issue", post(issue))
+        .route("/api/tokens/revoke", post(revoke))
+        .route("/api/tokens/inspect", get(inspect))
         .route("/stub/stats", get(stats))
+        .route("/stub/revoked", get(revoked_list))
         .route("/stub/mode", post(set_mode))
+        .route("/stub/revoke-mode", post(set_revoke_mode))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared)
 }
@@ -697,83 +1008,207 @@ fn json_error(status: StatusCode, error: &str, message: Option<&str>) -> Respons
     (status, axum::Json(body)).into_response()
 }
 
-async fn issue(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let counters = &shared.counters;
-    counters.requests.fetch_add(1, Ordering::Relaxed);
-    let delay = shared.delay();
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// The `token` parameter, or why there is none usable (answered 400). Taken as a
+/// `Result` so a malformed query is answered after latency and faults, in order.
+fn query_token(query: Result<Query<TokenQuery>, QueryRejection>) -> Result<String, &'static str> {
+    let Ok(Query(query)) = query else {
+        return Err("invalid query string");
+    };
+    match query.token {
+        Some(token) if !token.trim().is_empty() => Ok(token),
+        _ => Err("missing token"),
     }
-    match shared.handle_issue(&headers, &body) {
-        Answer::Injected(code) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Renders a fault; `what` ("issue", "revoke") only labels the log line.
+fn fault_response(fault: &Fault, what: &str) -> Response {
+    match *fault {
+        Fault::Injected(code) => {
             let status = StatusCode::from_u16(code)
                 .ok()
                 .filter(|s| (200..=599).contains(&s.as_u16()))
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            tracing::debug!(status = status.as_u16(), "issue: injected failure");
-            (
-                status,
-                format!("stub issuer: injected failure {}\n", status.as_u16()),
-            )
-                .into_response()
+            tracing::debug!(status = status.as_u16(), "{what}: injected failure");
+            let body = format!("stub issuer: injected failure {}\n", status.as_u16());
+            (status, body).into_response()
         }
-        Answer::Revoked => {
-            counters.unauthorized.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(status = 401, "issue: unauthorized (mode)");
+        Fault::MasterRevoked => {
+            tracing::debug!(status = 401, "{what}: unauthorized (mode)");
             json_error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 Some("the master token has been revoked (stub mode)"),
             )
         }
-        Answer::Forbidden => {
-            counters.unauthorized.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(status = 403, "issue: missing or wrong bearer token");
+        Fault::Forbidden => {
+            tracing::debug!(status = 403, "{what}: missing or wrong bearer token");
             json_error(StatusCode::FORBIDDEN, "forbidden", None)
         }
+    }
+}
+
+async fn issue(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    shared.wait_latency().await;
+    let answer = shared.handle_issue(&headers, &body);
+    count_issue(&shared.counters, &answer);
+    render_issue(answer)
+}
+
+/// Counts an issue outcome in exactly one of the outcome counters.
+fn count_issue(counters: &Counters, answer: &Answer) {
+    let counter = match answer {
+        Answer::Fault(Fault::MasterRevoked | Fault::Forbidden) => &counters.unauthorized,
+        Answer::Fault(Fault::Injected(_))
+        | Answer::BadRequest(_)
+        | Answer::KeyReused { .. }
+        | Answer::LedgerFull => &counters.failed,
+        Answer::Issued { replayed: true, .. } => &counters.replayed,
+        Answer::Issued {
+            replayed: false, ..
+        } => &counters.issued,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn render_issue(answer: Answer) -> Response {
+    match answer {
+        Answer::Fault(fault) => fault_response(&fault, "issue"),
         Answer::BadRequest(why) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(status = 400, reason = %why, "issue: bad request");
             json_error(StatusCode::BAD_REQUEST, "bad_request", Some(&why))
         }
         Answer::KeyReused { first_ten, ten } => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(status = 422, %ten, %first_ten, "issue: idempotency key reused");
             let why =
                 format!("Idempotency-Key was first used for container {first_ten:?}, not {ten:?}");
-            json_error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                Some(&why),
-            )
+            let status = StatusCode::UNPROCESSABLE_ENTITY;
+            json_error(status, "idempotency_key_reused", Some(&why))
+        }
+        Answer::LedgerFull => {
+            tracing::warn!(cap = MAX_TRACKED_TOKENS, "issue: token ledger full");
+            let why =
+                format!("stub issuer remembers at most {MAX_TRACKED_TOKENS} tokens; restart it");
+            json_error(StatusCode::SERVICE_UNAVAILABLE, "ledger_full", Some(&why))
         }
         Answer::Issued {
             token,
             ten,
             replayed,
         } => {
-            let counter = if replayed {
-                &counters.replayed
-            } else {
-                &counters.issued
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(status = 200, %ten, replayed, "issue: token answered");
-            (
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                )],
-                token,
-            )
-                .into_response()
+            let content_type = HeaderValue::from_static("text/plain; charset=utf-8");
+            ([(header::CONTENT_TYPE, content_type)], token).into_response()
+        }
+    }
+}
+
+async fn revoke(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    query: Result<Query<TokenQuery>, QueryRejection>,
+) -> Response {
+    shared
+        .counters
+        .revoke_requests
+        .fetch_add(1, Ordering::Relaxed);
+    shared.wait_latency().await;
+    let answer = shared.handle_revoke(&headers, query_token(query));
+    count_revoke(&shared.counters, &answer);
+    render_revoke(answer)
+}
+
+/// Counts a revoke outcome in exactly one of the revoke outcome counters.
+fn count_revoke(counters: &Counters, answer: &RevokeAnswer) {
+    let counter = match answer {
+        RevokeAnswer::Fault(Fault::MasterRevoked | Fault::Forbidden) => {
+            &counters.revoke_unauthorized
+        }
+        RevokeAnswer::Fault(Fault::Injected(_)) => &counters.revoke_failed,
+        RevokeAnswer::BadQuery(_) | RevokeAnswer::Unknown | RevokeAnswer::AlreadyRevoked { .. } => {
+            &counters.revoke_rejected
+        }
+        RevokeAnswer::Revoked { .. } => &counters.revoked,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn render_revoke(answer: RevokeAnswer) -> Response {
+    match answer {
+        RevokeAnswer::Fault(fault) => fault_response(&fault, "revoke"),
+        RevokeAnswer::BadQuery(why) => {
+            tracing::debug!(status = 400, reason = why, "revoke: bad request");
+            json_error(StatusCode::BAD_REQUEST, "bad_request", Some(why))
+        }
+        RevokeAnswer::Unknown => {
+            tracing::debug!(status = 404, "revoke: token unknown");
+            json_error(StatusCode::NOT_FOUND, "not_found", Some("token unknown"))
+        }
+        RevokeAnswer::AlreadyRevoked { fingerprint } => {
+            tracing::debug!(status = 400, %fingerprint, "revoke: token already revoked");
+            let message = Some("token already revoked");
+            json_error(StatusCode::BAD_REQUEST, "bad_request", message)
+        }
+        RevokeAnswer::Revoked {
+            fingerprint,
+            ten,
+            jti,
+            revoked_at,
+        } => {
+            tracing::debug!(status = 200, %fingerprint, %ten, %jti, "revoke: token revoked");
+            let body = json!({ "revoked": true, "jti": jti, "revoked_at": rfc3339(revoked_at) });
+            (StatusCode::OK, axum::Json(body)).into_response()
+        }
+    }
+}
+
+/// `GET /api/tokens/inspect`: bearer check only (no latency, no injection), since
+/// tests use it to observe whether a token still works.
+async fn inspect(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    query: Result<Query<TokenQuery>, QueryRejection>,
+) -> Response {
+    if !shared.authorized(&headers) {
+        return fault_response(&Fault::Forbidden, "inspect");
+    }
+    let token = match query_token(query) {
+        Ok(token) => token,
+        Err(why) => return json_error(StatusCode::BAD_REQUEST, "bad_request", Some(why)),
+    };
+    match shared.inspect(&token) {
+        InspectAnswer::Unknown => {
+            json_error(StatusCode::NOT_FOUND, "not_found", Some("token unknown"))
+        }
+        InspectAnswer::Revoked { revoked_at } => {
+            let body = json!({
+                "error": "revoked",
+                "message": "token revoked",
+                "revoked_at": rfc3339(revoked_at),
+            });
+            (StatusCode::GONE, axum::Json(body)).into_response()
+        }
+        InspectAnswer::Live {
+            ten,
+            jti,
+            issued_at,
+        } => {
+            let body = json!({ "ten": ten, "jti": jti, "issued_at": rfc3339(issued_at) });
+            (StatusCode::OK, axum::Json(body)).into_response()
         }
     }
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> axum::Json<StubStats> {
     axum::Json(shared.stats())
+}
+
+async fn revoked_list(State(shared): State<Arc<Shared>>) -> axum::Json<Vec<RevokedToken>> {
+    axum::Json(lock(&shared.ledger).revoked_list())
 }
 
 async fn set_mode(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -788,6 +1223,29 @@ async fn set_mode(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             StatusCode::NO_CONTENT.into_response()
         }
         Err(why) => json_error(StatusCode::BAD_REQUEST, "bad_request", Some(&why)),
+    }
+}
+
+/// `POST /stub/revoke-mode`: the body of `/stub/mode` without `latency_ms`
+/// (latency is shared by issue and revoke; set it on `/stub/mode`).
+async fn set_revoke_mode(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match parse_revoke_mode(&body) {
+        Ok(mode) => {
+            shared.set_revoke_mode(mode);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(why) => json_error(StatusCode::BAD_REQUEST, "bad_request", Some(&why)),
+    }
+}
+
+/// Parses a `/stub/revoke-mode` body: a mode as for `/stub/mode`, no latency.
+fn parse_revoke_mode(body: &[u8]) -> Result<StubMode, String> {
+    match parse_mode_update(body)? {
+        ModeUpdate {
+            mode: Some(mode),
+            latency: None,
+        } => Ok(mode),
+        _ => Err(r#"give "mode" only; "latency_ms" is set on /stub/mode"#.into()),
     }
 }
 
@@ -905,6 +1363,83 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn revoke_mode_json_takes_a_mode_but_no_latency() {
+        let p = |s: &str| parse_revoke_mode(s.as_bytes());
+        assert_eq!(
+            p(r#"{"mode":"fail_all","status":503}"#),
+            Ok(StubMode::FailAll(503))
+        );
+        assert_eq!(p(r#"{"mode":"unauthorized"}"#), Ok(StubMode::Unauthorized));
+        assert!(p(r#"{"latency_ms":5}"#).is_err());
+        assert!(p(r#"{"mode":"normal","latency_ms":5}"#).is_err());
+        assert!(p("{}").is_err());
+    }
+
+    #[test]
+    fn full_ledger_refuses_to_mint_instead_of_forgetting() {
+        let mut shared = Shared::new(StubConfig::new(SecretString::from("m")));
+        shared.token_cap = 2;
+        let request = |key: &str| IssueRequest {
+            ten: "t".into(),
+            extra: Map::new(),
+            key: Some(key.into()),
+        };
+        assert!(matches!(
+            shared.mint_or_replay(request("a")),
+            Answer::Issued { .. }
+        ));
+        assert!(matches!(
+            shared.mint_or_replay(request("b")),
+            Answer::Issued { .. }
+        ));
+        assert!(matches!(
+            shared.mint_or_replay(request("c")),
+            Answer::LedgerFull
+        ));
+        // Replays need no new entry, so they still work.
+        assert!(matches!(
+            shared.mint_or_replay(request("a")),
+            Answer::Issued { replayed: true, .. }
+        ));
+    }
+
+    #[test]
+    fn ledger_counts_every_revoke_call_and_lists_in_order() {
+        let shared = Shared::new(StubConfig::new(SecretString::from("m")));
+        let mut ledger = Ledger::default();
+        let (first, jti) = shared.mint("one", Map::new());
+        shared.record_minted(&mut ledger, "one", &first, jti.clone());
+        let (second, _) = shared.mint("two", Map::new());
+        shared.record_minted(&mut ledger, "two", &second, "j2".into());
+        let now = OffsetDateTime::now_utc();
+        let (d1, d2) = (sha256(first.as_bytes()), sha256(second.as_bytes()));
+        assert!(matches!(
+            ledger.revoke(&d2, now),
+            RevokeAnswer::Revoked { .. }
+        ));
+        assert!(matches!(
+            ledger.revoke(&d1, now),
+            RevokeAnswer::Revoked { .. }
+        ));
+        assert!(matches!(
+            ledger.revoke(&d1, now),
+            RevokeAnswer::AlreadyRevoked { .. }
+        ));
+        assert!(matches!(
+            ledger.revoke(&[0; 32], now),
+            RevokeAnswer::Unknown
+        ));
+        let list = ledger.revoked_list();
+        let summary: Vec<_> = list
+            .iter()
+            .map(|r| (r.ten.as_str(), r.revoke_calls))
+            .collect();
+        assert_eq!(summary, [("two", 1), ("one", 2)]);
+        assert_eq!(list[1].jti, jti);
+        assert_eq!(list[1].fingerprint, hex::encode(&d1[..8]));
     }
 
     #[test]
