@@ -308,3 +308,28 @@ impl TestEnv {
         q.message_count()
     }
 }
+
+impl Collector {
+    /// `tenant.token.revoked` events, bound before anything is published (like
+    /// [`Collector::ready_events`]).
+    pub async fn revoked_events(env: &TestEnv) -> Self {
+        let conn = env.connect().await;
+        let ch = conn.create_channel().await.expect("channel");
+        topology::declare(&ch, &[]).await.expect("topology");
+        let queue = topology::declare_listener(&ch, topology::TOKEN_REVOKED)
+            .await
+            .expect("revoked collector queue");
+        Self::consume(conn, ch, queue.as_str()).await
+    }
+}
+
+impl Collector {
+    /// What was received from the `from`-th message on (everything received so far past the
+    /// first `from`), so a long test can follow a stream without copying all of it each time.
+    pub fn since(&self, from: usize) -> Vec<Received> {
+        let seen = self.seen.lock().expect("lock");
+        seen.get(from..)
+            .map(<[Received]>::to_vec)
+            .unwrap_or_default()
+    }
+}
