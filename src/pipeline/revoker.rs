@@ -107,10 +107,14 @@ impl Revoker {
             match result {
                 Ok(()) => revoked.push(d),
                 Err(e) => {
-                    if let IssuerError::Unauthorized { status } = e {
+                    // A refused master token is the breaker's business, not the token's: try
+                    // again as soon as the breaker lets a probe through.
+                    let retry_in = if let IssuerError::Unauthorized { status } = e {
                         breaker.trip(&format!("issuer answered HTTP {status} to a revoke call"));
-                    }
-                    let retry_in = backoff(d.attempts);
+                        PASS
+                    } else {
+                        backoff(d.attempts)
+                    };
                     tracing::warn!(fingerprint = %d.fingerprint, reason = %d.reason, error = %e, ?retry_in, "revocation failed; will retry");
                     revocations::mark_failed(&mut tx, &d.fingerprint, &e.to_string(), retry_in)
                         .await?;
