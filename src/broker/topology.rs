@@ -201,6 +201,19 @@ pub async fn declare_ready_listener(ch: &Channel) -> Result<ShortString, lapin::
     declare_listener(ch, TOKEN_READY).await
 }
 
+/// Consumes every event published on `tenant.events` with `routing_key`, from a private queue
+/// bound before this returns (no acks: the queue is the listener's own). For the demo and
+/// `token rotate --wait`, which watch the worker's output.
+pub async fn listen(ch: &Channel, routing_key: &str) -> Result<lapin::Consumer, lapin::Error> {
+    let queue = declare_listener(ch, routing_key).await?;
+    let no_ack = lapin::options::BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    ch.basic_consume(queue, "".into(), no_ack, FieldTable::default())
+        .await
+}
+
 /// Declares a private queue (exclusive, deleted with its connection) that receives every
 /// event published on `tenant.events` with `routing_key` (e.g. `tenant.token.revoked`).
 pub async fn declare_listener(

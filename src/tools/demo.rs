@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use lapin::BasicProperties;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use rand::Rng as _;
 use rand::seq::SliceRandom as _;
 use secrecy::SecretString;
@@ -358,18 +356,7 @@ async fn collect_events(
     prefix: String,
 ) -> anyhow::Result<Arc<Mutex<Vec<serde_json::Value>>>> {
     let ch = conn.create_channel().await?;
-    let queue = topology::declare_listener(&ch, routing_key).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue,
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = topology::listen(&ch, routing_key).await?;
     let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
     let sink = events.clone();
     tokio::spawn(async move {

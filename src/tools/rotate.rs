@@ -7,8 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use lapin::BasicProperties;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::{self, topology};
@@ -58,21 +56,9 @@ pub(crate) async fn run(args: RotateArgs) -> Result<u8, Failure> {
     let listen = conn.create_channel().await.context("opening a channel")?;
     // Bound before publishing, so the event cannot slip past.
     let ready = if args.wait {
-        let queue = topology::declare_ready_listener(&listen)
+        let consumer = topology::listen(&listen, topology::TOKEN_READY)
             .await
-            .context("declaring a queue for the ready event")?;
-        let consumer = listen
-            .basic_consume(
-                queue,
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("consuming ready events")?;
+            .context("listening for the ready event")?;
         Some(consumer)
     } else {
         None
