@@ -139,30 +139,29 @@ impl Provisioner {
     }
 
     /// Handles a batch; outcomes are in the order of `reqs`. Provisioning requests share one
-    /// transaction; rotations and deletions (rare) get one each, after it.
+    /// transaction; rotations and deletions (rare) get one each. The batch is handled in queue
+    /// order: the provisioning requests before a rotation or deletion are handled (together)
+    /// before it, those after it after it, so a `tenant.created` queued behind a
+    /// `tenant.deleted` finds the tombstone.
     pub async fn provision(
         &self,
         reqs: &[ProvisionRequest],
     ) -> Result<Vec<Outcome>, ProvisionError> {
-        let lifecycle = |r: &ProvisionRequest| {
-            matches!(r.trigger, Trigger::TokenRotate | Trigger::TenantDeleted)
-        };
-        if !reqs.iter().any(lifecycle) {
-            return self.provision_batch(reqs).await;
-        }
-        let plain: Vec<ProvisionRequest> = reqs.iter().filter(|r| !lifecycle(r)).cloned().collect();
-        let mut plain_outcomes = self.provision_batch(&plain).await?.into_iter();
         let mut outcomes = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            let outcome = match r.trigger {
-                Trigger::TokenRotate => self.rotate(r).await?,
-                Trigger::TenantDeleted => self.delete(r).await?,
-                Trigger::TenantCreated | Trigger::ExtensionRequested => plain_outcomes
-                    .next()
-                    .ok_or_else(|| ProvisionError::Invariant("an outcome is missing".into()))?,
+        let mut start = 0;
+        for (i, r) in reqs.iter().enumerate() {
+            let lifecycle = match r.trigger {
+                Trigger::TokenRotate | Trigger::TenantDeleted => r,
+                Trigger::TenantCreated | Trigger::ExtensionRequested => continue,
             };
-            outcomes.push(outcome);
+            outcomes.extend(self.provision_batch(&reqs[start..i]).await?);
+            outcomes.push(match lifecycle.trigger {
+                Trigger::TokenRotate => self.rotate(lifecycle).await?,
+                _ => self.delete(lifecycle).await?,
+            });
+            start = i + 1;
         }
+        outcomes.extend(self.provision_batch(&reqs[start..]).await?);
         Ok(outcomes)
     }
 
