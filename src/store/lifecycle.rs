@@ -111,15 +111,20 @@ pub(crate) async fn delete(
     container_if_new: &str,
     request_id: &str,
 ) -> Result<Deletion, StoreError> {
-    let deleted_at: Option<OffsetDateTime> = sqlx::query_scalar(
-        "INSERT INTO tenants (tenant_id, container) VALUES ($1, $2)
-         ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
-         RETURNING deleted_at",
+    // No conflict target: a concurrent first claim of the same tenant may collide on the
+    // container's unique index as well as on the id; either way, wait for it and lock its row.
+    sqlx::query(
+        "INSERT INTO tenants (tenant_id, container) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
     .bind(tenant_id)
     .bind(container_if_new)
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await?;
+    let deleted_at: Option<OffsetDateTime> =
+        sqlx::query_scalar("SELECT deleted_at FROM tenants WHERE tenant_id = $1 FOR UPDATE")
+            .bind(tenant_id)
+            .fetch_one(&mut *tx)
+            .await?;
     if deleted_at.is_some() {
         return Ok(Deletion::AlreadyDeleted);
     }

@@ -435,20 +435,44 @@ pub(crate) async fn claim(
     let ids: Vec<&str> = sorted.iter().map(|c| c.0.as_str()).collect();
     let containers: Vec<&str> = sorted.iter().map(|c| c.1.as_str()).collect();
     let names: Vec<Option<&str>> = sorted.iter().map(|c| c.2.as_deref()).collect();
-    let rows = sqlx::query(
-        "INSERT INTO tenants (tenant_id, container, tenant_name)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1
-         ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
-         RETURNING tenant_id, container, token_fingerprint, issued_at, jti,
-                   CASE WHEN $4 THEN token_ciphertext END, key_id, generation, deleted_at,
-                   now()",
-    )
-    .bind(&ids)
-    .bind(&containers)
-    .bind(&names)
-    .bind(with_ciphertext)
-    .fetch_all(tx)
-    .await?;
+    // When two workers claim the same new tenant at once, the loser's insert may fail on the
+    // container's unique index, which is not the `ON CONFLICT` arbiter (Postgres checks it
+    // without retrying the speculative insertion), after waiting for the winner to commit.
+    // Run again in a savepoint, the statement finds the winner's row; a container that another
+    // tenant holds fails again, as before.
+    let mut retried = false;
+    let rows = loop {
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+        let result = sqlx::query(
+            "INSERT INTO tenants (tenant_id, container, tenant_name)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1
+             ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
+             RETURNING tenant_id, container, token_fingerprint, issued_at, jti,
+                       CASE WHEN $4 THEN token_ciphertext END, key_id, generation, deleted_at,
+                       now()",
+        )
+        .bind(&ids)
+        .bind(&containers)
+        .bind(&names)
+        .bind(with_ciphertext)
+        .fetch_all(&mut *savepoint)
+        .await;
+        match result {
+            Ok(rows) => {
+                savepoint.commit().await?;
+                break rows;
+            }
+            Err(sqlx::Error::Database(e))
+                if !retried
+                    && e.code().as_deref() == Some("23505")
+                    && e.constraint() == Some("tenants_container_key") =>
+            {
+                savepoint.rollback().await?;
+                retried = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let now = match rows.first() {
         Some(r) => Some(r.try_get(9)?),
         None => None,
