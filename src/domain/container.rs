@@ -13,7 +13,7 @@ impl ContainerName {
     pub(crate) const MAX_LEN: usize = 63;
 
     /// Validates a stored or configured container name.
-    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, String> {
         let ok = !raw.is_empty()
             && raw.len() <= Self::MAX_LEN
             && raw
@@ -35,7 +35,7 @@ impl ContainerName {
     }
 
     /// The name as text.
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 }

@@ -31,7 +31,7 @@ impl Trigger {
     }
 
     /// The routing key, as carried in the ready event's `trigger`.
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::TenantCreated => crate::broker::topology::TENANT_CREATED,
             Self::ExtensionRequested => crate::broker::topology::EXTENSION_REQUESTED,
@@ -79,12 +79,12 @@ impl MessageIdentity {
     }
 
     /// The identity as text.
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The ready event's id: a UUID v5 of the identity, the same for every redelivery.
-    pub(crate) fn event_id(&self) -> Uuid {
+    pub fn event_id(&self) -> Uuid {
         Uuid::new_v5(&EVENT_NAMESPACE, self.0.as_bytes())
     }
 }

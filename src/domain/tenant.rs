@@ -17,7 +17,7 @@ impl TenantId {
     /// assert_eq!(TenantId::parse("acme-42").map(|t| t.to_string()), Ok("acme-42".to_owned()));
     /// assert!(TenantId::parse("-acme").is_err());
     /// ```
-    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, String> {
         if raw.is_empty() {
             return Err("tenant_id is empty".into());
         }
@@ -40,7 +40,7 @@ impl TenantId {
     }
 
     /// The id as text.
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -65,7 +65,7 @@ impl TenantName {
     pub(crate) const MAX_LEN: usize = 256;
 
     /// Validates the length of a tenant name and drops what Postgres cannot store (U+0000).
-    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, String> {
         if raw.chars().count() > Self::MAX_LEN {
             return Err(format!(
                 "tenant_name is longer than {} characters",
@@ -76,7 +76,7 @@ impl TenantName {
     }
 
     /// The name as text.
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 }

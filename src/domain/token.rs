@@ -14,7 +14,7 @@ impl TenantToken {
     ///
     /// A token is a non-empty run of visible ASCII without white space (a JWT is three
     /// base64url parts): anything else is an issuer fault, not a token.
-    pub(crate) fn parse(raw: &str) -> Option<Self> {
+    pub fn parse(raw: &str) -> Option<Self> {
         let t = raw.trim();
         let ok = !t.is_empty() && t.len() <= 16 * 1024 && t.bytes().all(|b| b.is_ascii_graphic());
         ok.then(|| Self(SecretString::from(t.to_owned())))
@@ -26,14 +26,14 @@ impl TenantToken {
     }
 
     /// The first 16 hex characters of SHA-256 of the token: safe to log and publish.
-    pub(crate) fn fingerprint(&self) -> TokenFingerprint {
+    pub fn fingerprint(&self) -> TokenFingerprint {
         let d = Sha256::digest(self.expose().as_bytes());
         TokenFingerprint(hex::encode(&d[..8]))
     }
 
     /// The `jti` claim of the JWT payload, read without verifying the signature; it is stored
     /// so that the token can be revoked later.
-    pub(crate) fn jti(&self) -> Option<String> {
+    pub fn jti(&self) -> Option<String> {
         let payload = self.expose().split('.').nth(1)?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload.trim_end_matches('='))
@@ -59,7 +59,7 @@ pub struct TokenFingerprint(String);
 
 impl TokenFingerprint {
     /// The fingerprint as text.
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 }
