@@ -158,7 +158,7 @@ pub struct RunArgs {
     #[arg(long, env = "ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
     pub orphan_grace: Duration,
     /// Messages handled at once per process (the consumer prefetch).
-    #[arg(long, env = "CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "CONCURRENCY", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// Most deliveries that share one database transaction and one confirm wait.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
