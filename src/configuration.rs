@@ -264,6 +264,9 @@ impl RunArgs {
         })?;
         let restrictions = Restrictions::parse(&self.issuer_restrictions).map_err(ConfigError)?;
         let cipher = self.key.cipher()?;
+        if crate::broker::nodes(&self.broker.amqp_url).is_empty() {
+            return Err(ConfigError("AMQP_URL names no broker".into()));
+        }
         if self.retry_delays.0.is_empty() {
             return Err(ConfigError("RETRY_DELAYS needs at least one delay".into()));
         }

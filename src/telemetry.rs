@@ -150,6 +150,10 @@ impl Drop for InFlight {
 /// A connection URL (AMQP or Postgres) with its password replaced by `***`: the one way a URL
 /// reaches logs, errors and command output.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        // The nodes of a cluster (`AMQP_URL`): each one redacted.
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let cred = &url[s + 3..at];
@@ -171,5 +175,9 @@ mod tests {
         assert_eq!(redact_url("amqp://u:p@h:1/v"), "amqp://u:***@h:1/v");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(
+            redact_url("amqp://u:p@a/v,amqp://u:q@b/v"),
+            "amqp://u:***@a/v,amqp://u:***@b/v"
+        );
     }
 }

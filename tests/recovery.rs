@@ -645,3 +645,40 @@ async fn the_dead_letter_gauge_is_read_when_scraped() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_broker_node_fails_over_to_the_next_url_of_amqp_url() {
+    let env = TestEnv::new().await;
+    let stub = stub_issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let producer = Producer::new(&env).await;
+    // Two "nodes" of one cluster: the first reached through a proxy that the test cuts.
+    let proxy = TcpProxy::start(&env.amqp_host_port()).await;
+    let nodes = format!("{},{}", env.amqp_url_via(proxy.addr), env.amqp_url);
+    let worker = env
+        .start_worker(&stub.url(), &["--amqp-url", nodes.as_str()])
+        .await;
+    assert!(
+        proxy.accepted() >= 1,
+        "the worker connected to the first node"
+    );
+    let (before, after) = (tenant("node-a"), tenant("node-b"));
+    producer
+        .request("tenant.created", json!({"tenant_id": before}), None)
+        .await;
+    wait_for_tenants(&events, std::slice::from_ref(&before), WAIT).await;
+
+    proxy.sever();
+    producer
+        .request("tenant.created", json!({"tenant_id": after}), None)
+        .await;
+
+    wait_for_tenants(&events, std::slice::from_ref(&after), WAIT).await;
+    eventually("the worker is ready on the second node", WAIT, || async {
+        worker.health.not_ready_reasons().is_empty()
+    })
+    .await;
+    worker.stop().await;
+    stub.shutdown().await;
+    env.cleanup().await;
+}

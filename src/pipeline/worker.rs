@@ -33,6 +33,8 @@ use crate::telemetry::redact_url;
 /// A configured worker, ready to run.
 pub struct Worker {
     ctx: Arc<Context>,
+    /// The `AMQP_URL` node to try first: the one after the node a failed session was on.
+    next_node: std::sync::atomic::AtomicUsize,
     revoker: Revoker,
     amqp_url: String,
     prefetch: u16,
@@ -98,6 +100,7 @@ impl Worker {
         };
         Ok(Some(Self {
             ctx: Arc::new(ctx),
+            next_node: std::sync::atomic::AtomicUsize::new(0),
             revoker,
             amqp_url: settings.amqp_url,
             prefetch: settings.concurrency,
@@ -150,9 +153,13 @@ impl Worker {
 
     /// Connects, declares the topology and starts consuming with the configured prefetch.
     async fn open_session(&self) -> anyhow::Result<Session> {
-        let conn = broker::connect(&self.amqp_url, "tenant-tokens worker")
+        use std::sync::atomic::Ordering::Relaxed;
+        let start = self.next_node.load(Relaxed);
+        let (conn, node) = broker::connect_from(&self.amqp_url, start, "tenant-tokens worker")
             .await
             .map_err(|e| anyhow::anyhow!("connect to {}: {e}", redact_url(&self.amqp_url)))?;
+        // Should this session fail, the next one starts with the next node (failover).
+        self.next_node.store(node + 1, Relaxed);
         let setup = conn.create_channel().await?;
         topology::declare(&setup, &self.ctx.policy.retry_delays).await?;
         let publisher = Publisher::new(conn.create_channel().await?).await?;

@@ -92,11 +92,17 @@ impl TestEnv {
 
     /// This test's database URL with the server replaced by `addr` (e.g. a [`super::TcpProxy`]).
     pub fn database_url_via(&self, addr: std::net::SocketAddr) -> String {
-        let url = &self.database_url;
-        let after = url.find("://").map_or(0, |i| i + 3);
-        let path = url[after..].find('/').map_or(url.len(), |i| after + i);
-        let host_start = url[after..path].rfind('@').map_or(after, |i| after + i + 1);
-        format!("{}{addr}{}", &url[..host_start], &url[path..])
+        url_via(&self.database_url, addr)
+    }
+
+    /// `host:port` of the RabbitMQ node.
+    pub fn amqp_host_port(&self) -> String {
+        host_port(&self.amqp_url, 5672)
+    }
+
+    /// This test's broker URL with the node replaced by `addr` (e.g. a [`super::TcpProxy`]).
+    pub fn amqp_url_via(&self, addr: std::net::SocketAddr) -> String {
+        url_via(&self.amqp_url, addr)
     }
 }
 
@@ -173,4 +179,12 @@ pub async fn install_poison_trigger(env: &TestEnv) {
             .await
             .expect("poison trigger");
     }
+}
+
+/// `url` with its `host:port` replaced by `addr`, credentials and path kept.
+fn url_via(url: &str, addr: std::net::SocketAddr) -> String {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    let path = url[after..].find('/').map_or(url.len(), |i| after + i);
+    let host_start = url[after..path].rfind('@').map_or(after, |i| after + i + 1);
+    format!("{}{addr}{}", &url[..host_start], &url[path..])
 }
