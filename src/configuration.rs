@@ -136,6 +136,10 @@ pub struct RunArgs {
     /// The platform's master token. Prefer the _FILE form: environments leak.
     #[arg(long, env = "ISSUER_MASTER_TOKEN", hide_env_values = true)]
     pub issuer_master_token: Option<SecretArg>,
+    /// Accept a plain-http ISSUER_URL that is not on loopback (the master token then crosses
+    /// the network in clear text: for a local stub behind a private network only).
+    #[arg(long, env = "ISSUER_ALLOW_INSECURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub issuer_allow_insecure: bool,
     /// A file holding the master token.
     #[arg(long, env = "ISSUER_MASTER_TOKEN_FILE")]
     pub issuer_master_token_file: Option<PathBuf>,
@@ -254,6 +258,7 @@ impl RunArgs {
             .ok_or_else(|| {
                 ConfigError("ISSUER_URL is required (e.g. https://webtask.example.com)".into())
             })?;
+        check_transport(&issuer_url, self.issuer_allow_insecure)?;
         let master = secret_value(
             self.issuer_master_token.as_ref().map(SecretArg::expose),
             self.issuer_master_token_file.as_ref(),
@@ -298,6 +303,32 @@ impl RunArgs {
             rotation_grace: self.rotation_grace,
             orphan_grace: self.orphan_grace,
         })
+    }
+}
+
+/// The master token travels with every issuer call: plain `http` only to loopback, unless
+/// explicitly allowed (`ISSUER_ALLOW_INSECURE=true`).
+fn check_transport(issuer_url: &str, allow_insecure: bool) -> Result<(), ConfigError> {
+    let url = reqwest::Url::parse(issuer_url.trim())
+        .map_err(|e| ConfigError(format!("ISSUER_URL is not a URL: {e}")))?;
+    let loopback = url.host_str().is_some_and(|h| {
+        h.eq_ignore_ascii_case("localhost")
+            || h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_insecure => Ok(()),
+        "http" => Err(ConfigError(format!(
+            "ISSUER_URL {} is plain http to a host that is not loopback: the master token would \
+             cross the network in clear text; use https, or set ISSUER_ALLOW_INSECURE=true for a \
+             local stub",
+            crate::telemetry::redact_url(issuer_url)
+        ))),
+        other => Err(ConfigError(format!(
+            "ISSUER_URL must be https (or http on loopback), not {other}"
+        ))),
     }
 }
 
@@ -378,6 +409,25 @@ fn parse_delays(s: &str) -> Result<Delays, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::check_transport;
+
+    #[test]
+    fn plain_http_is_refused_unless_loopback_or_allowed() {
+        for ok in [
+            "https://webtask.example.com",
+            "http://127.0.0.1:9401",
+            "http://127.8.0.2",
+            "http://localhost:1",
+            "http://[::1]:80",
+        ] {
+            assert!(check_transport(ok, false).is_ok(), "{ok}");
+        }
+        let refused = check_transport("http://stub-issuer:9401", false).expect_err("refused");
+        assert!(refused.0.contains("ISSUER_ALLOW_INSECURE"), "{}", refused.0);
+        assert!(check_transport("http://stub-issuer:9401", true).is_ok());
+        assert!(check_transport("ftp://127.0.0.1", true).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -29,6 +29,24 @@ fn tenant_tokens(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 #[test]
+fn run_refuses_a_plain_http_issuer_off_loopback() {
+    let key = support::test_key();
+    let env = [
+        ("ISSUER_URL", "http://issuer.internal:9401"),
+        ("ISSUER_MASTER_TOKEN", "super-secret-master"),
+        ("TOKEN_ENCRYPTION_KEY", key.as_str()),
+    ];
+    let out = tenant_tokens(&["run"], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plain http") && err.contains("ISSUER_ALLOW_INSECURE"),
+        "{err}"
+    );
+    assert!(!err.contains("super-secret-master"));
+}
+
+#[test]
 fn keygen_prints_a_fresh_32_byte_key() {
     let a = tenant_tokens(&["keygen"], &[]);
     let b = tenant_tokens(&["keygen"], &[]);
