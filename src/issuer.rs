@@ -293,7 +293,7 @@ impl IssuerClient {
                 status: None,
                 retry_after: None,
             }),
-            Ok(resp) => classify(resp).await,
+            Ok(resp) => classify(resp, self.master.expose_secret()).await,
         };
         metrics::histogram!(metric::ISSUER_DURATION).record(started.elapsed().as_secs_f64());
         count_status(&outcome);
@@ -402,7 +402,9 @@ fn describe_transport(e: &reqwest::Error) -> String {
     }
 }
 
-async fn classify(resp: reqwest::Response) -> Result<TenantToken, IssuerError> {
+/// `master` is the master token: an issuer that echoes it in an error body must not carry it
+/// into errors, logs and dead letters.
+async fn classify(resp: reqwest::Response, master: &str) -> Result<TenantToken, IssuerError> {
     let status = resp.status();
     let retry_after = resp
         .headers()
@@ -412,7 +414,8 @@ async fn classify(resp: reqwest::Response) -> Result<TenantToken, IssuerError> {
         .map(|s| Duration::from_secs(s.min(3600)));
     // Read no more than what is used: a token (or its JSON wrapper), or the start of an error.
     let limit = if status == StatusCode::OK {
-        MAX_TOKEN_BODY
+        // One byte more than a token body may have, so that a longer one is seen as such.
+        MAX_TOKEN_BODY + 1
     } else {
         MAX_BODY_SNIPPET
     };
@@ -448,7 +451,7 @@ async fn classify(resp: reqwest::Response) -> Result<TenantToken, IssuerError> {
         }
         s if s.is_client_error() => Err(IssuerError::Rejected {
             status: s.as_u16(),
-            body: snippet(&body),
+            body: without_secret(snippet(&body), master),
         }),
         s => Err(IssuerError::Transient {
             message: format!("HTTP {}", s.as_u16()),
@@ -476,12 +479,25 @@ async fn read_at_most(
 
 /// The token of a 200 body: raw text, or a JSON object with a `token` string.
 fn token_from_body(body: &[u8]) -> Option<TenantToken> {
+    // Only a prefix of a longer body was read, and a prefix can look like a token (a token,
+    // white space, then an error page): a longer body is no token.
+    if body.len() > MAX_TOKEN_BODY {
+        return None;
+    }
     let text = std::str::from_utf8(body).ok()?.trim();
     if text.starts_with('{') {
         let v: Value = serde_json::from_str(text).ok()?;
         return TenantToken::parse(v.get("token")?.as_str()?);
     }
     TenantToken::parse(text)
+}
+
+/// `text` with every occurrence of `secret` replaced by `***`.
+fn without_secret(text: String, secret: &str) -> String {
+    if secret.is_empty() || !text.contains(secret) {
+        return text;
+    }
+    text.replace(secret, "***")
 }
 
 /// The start of a body as text, at most 1 KiB, on a character boundary.
@@ -544,6 +560,13 @@ mod tests {
         );
         assert!(token_from_body(b"").is_none());
         assert!(token_from_body(br#"{"nope":1}"#).is_none());
+    }
+
+    #[test]
+    fn an_echoed_master_token_is_masked() {
+        let masked = without_secret("bad token M-123 (M-123)".to_owned(), "M-123");
+        assert_eq!(masked, "bad token *** (***)");
+        assert_eq!(without_secret("fine".to_owned(), ""), "fine");
     }
 
     #[test]
