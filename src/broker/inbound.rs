@@ -9,7 +9,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{FieldTable, ShortString};
 
-use super::message::{header_str, header_u32, with_headers};
+use super::message::{cut, header_str, header_u32, with_headers};
 use super::topology::headers;
 use crate::pipeline::decode::Envelope;
 use crate::telemetry::{InFlight, metric};
@@ -44,9 +44,13 @@ impl Inbound {
         let p = &d.properties;
         let owned = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
         Self {
-            routing_key: header_str(p, headers::ORIGINAL_ROUTING_KEY)
-                .unwrap_or(d.routing_key.as_str())
-                .to_owned(),
+            // The header is any long string; the key is published again (dead letter, retry)
+            // as an AMQP short string, which panics beyond 255 bytes. A handled key is short.
+            routing_key: cut(
+                header_str(p, headers::ORIGINAL_ROUTING_KEY).unwrap_or(d.routing_key.as_str()),
+                255,
+            )
+            .to_owned(),
             attempts: header_u32(p, headers::ATTEMPTS).unwrap_or(0),
             message_id: owned(p.message_id()),
             correlation_id: owned(p.correlation_id()),

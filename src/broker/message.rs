@@ -1,7 +1,7 @@
 //! Reading and writing AMQP properties and headers of deliveries.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 
 /// A header's value as text, for string-typed headers.
 pub fn header_str<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a str> {
@@ -43,13 +43,15 @@ pub(crate) fn cut(s: &str, max: usize) -> &str {
 /// A field of `table` as text, for string-typed fields: the one reader of text headers, also
 /// for tables nested in headers (RabbitMQ's `x-death` entries) that [`header_str`] cannot reach.
 pub(crate) fn table_str<'a>(table: &'a FieldTable, name: &str) -> Option<&'a str> {
-    value_str(table.inner().get(&ShortString::from(name))?)
+    // Looked up by `&str` (`ShortString: Borrow<str>`): `ShortString::from` panics on a name
+    // over 255 bytes, and no header can have such a name anyway.
+    value_str(table.inner().get(name)?)
 }
 
 /// A field of `table` as a number, whatever integer type the publisher chose (a timestamp, or
 /// a decimal string, counts too): the one reader of numeric headers, nested tables included.
 pub(crate) fn table_int(table: &FieldTable, name: &str) -> Option<i64> {
-    value_int(table.inner().get(&ShortString::from(name))?)
+    value_int(table.inner().get(name)?)
 }
 
 /// A header value as text when it is a (UTF-8) string.

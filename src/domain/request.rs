@@ -51,8 +51,10 @@ pub struct MessageIdentity(String);
 const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x6d1c_2b8e_4a57_4f0e_9c3a_0e55_b1d2_7a41);
 
 impl MessageIdentity {
-    /// The longest identity kept verbatim; longer ones are replaced by their digest.
-    const MAX_LEN: usize = 256;
+    /// The longest identity kept verbatim; longer ones are replaced by their digest. It is
+    /// published as the events' AMQP `correlation_id` property, a short string of at most 255
+    /// bytes (`ShortString::from` panics beyond), so 255.
+    const MAX_LEN: usize = 255;
 
     /// An identity given by the producer (`message_id` or CloudEvents `id`).
     pub(crate) fn given(id: &str) -> Option<Self> {
