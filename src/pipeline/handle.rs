@@ -100,12 +100,18 @@ impl Fate {
 /// Handles a batch: one transaction and one confirm wait for all of it.
 pub(crate) async fn handle_batch(ctx: &Context, publisher: &Publisher, batch: Vec<Inbound>) {
     metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
+    // Messages and their requests side by side: the provisioning step takes the requests as
+    // a slice, without copying them.
     let mut valid = Vec::with_capacity(batch.len());
+    let mut reqs = Vec::with_capacity(batch.len());
     let mut invalid = Vec::new();
     for m in batch {
         metrics::counter!(metric::DELIVERIES, "routing_key" => m.routing_key.clone()).increment(1);
         match decode::decode(&m.envelope(), &m.body) {
-            Ok(req) => valid.push((m, req)),
+            Ok(req) => {
+                valid.push(m);
+                reqs.push(req);
+            }
             Err(e) => invalid.push((m, e)),
         }
     }
@@ -114,9 +120,8 @@ pub(crate) async fn handle_batch(ctx: &Context, publisher: &Publisher, batch: Ve
         carry_out(ctx, publisher, m, Happened::Invalid, &e.to_string()).await;
     }));
     let valid_done = async {
-        let reqs: Vec<ProvisionRequest> = valid.iter().map(|(_, r)| r.clone()).collect();
         let fates = provision(ctx, &reqs).await;
-        join_all(valid.iter().zip(fates).map(|((m, req), fate)| {
+        join_all(valid.iter().zip(&reqs).zip(fates).map(|((m, req), fate)| {
             settle(ctx, publisher, m, req, fate).instrument(request_span(req))
         }))
         .await;
