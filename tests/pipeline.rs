@@ -782,3 +782,29 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_of_its_batch_completes()
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_with_a_name_longer_than_amqp_allows_is_an_error_not_a_panic() {
+    let env = TestEnv::new().await;
+    let conn = env.connect().await;
+    let publisher = tenant_tokens::broker::publisher::Publisher::new(
+        conn.create_channel().await.expect("channel"),
+    )
+    .await
+    .expect("confirm mode");
+
+    let long = "k".repeat(256);
+    let result = publisher
+        .publish(
+            "tenant.events",
+            &long,
+            b"{}",
+            BasicProperties::default(),
+            false,
+        )
+        .await;
+
+    let err = result.expect_err("refused").to_string();
+    assert!(err.contains("routing key is not usable"), "{err}");
+    env.cleanup().await;
+}

@@ -3,6 +3,7 @@
 
 use lapin::Confirmation;
 use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 
 /// Why a publish did not take.
@@ -17,6 +18,14 @@ pub enum PublishError {
     /// The body could not be encoded; nothing was published.
     #[error("cannot encode the message: {0}")]
     Encode(String),
+    /// An exchange or routing key longer than AMQP's 255 bytes; nothing was published.
+    #[error("the {what} is not usable: {detail}")]
+    Name {
+        /// `exchange` or `routing key`.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
     /// A `mandatory` message matched no queue.
     #[error("message was unroutable (no queue bound for routing key {0:?})")]
     Unroutable(String),
@@ -52,11 +61,22 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
+        // Names are AMQP short strings: a longer one is an error here, not a panic below.
+        let name = |what: &'static str, s: &str| {
+            ShortString::try_new(s).map_err(|e| PublishError::Name {
+                what,
+                detail: e.to_string(),
+            })
+        };
+        let (exchange, key) = (
+            name("exchange", exchange)?,
+            name("routing key", routing_key)?,
+        );
         let confirm = self
             .channel
             .basic_publish(
-                exchange.into(),
-                routing_key.into(),
+                exchange,
+                key,
                 BasicPublishOptions {
                     mandatory,
                     ..Default::default()

@@ -1443,8 +1443,6 @@ impl Replayer {
     /// Publishes the replayed copy (`mandatory`) and waits at most [`CONFIRM_TIMEOUT`] for the
     /// broker's verdict; `Err` says why it did not go through (the dead letter then stays).
     async fn republish(&self, letter: &DeadLetter) -> Result<(), String> {
-        ShortString::try_new(letter.routing_key.clone())
-            .map_err(|e| format!("the original routing key is not usable: {e}"))?;
         let props = replay_properties(&letter.delivery.properties, &self.replayed_at);
         let publish = self.publisher.publish(
             EVENTS_EXCHANGE,
@@ -1463,6 +1461,9 @@ impl Replayer {
                 "unroutable: no queue is bound to {EVENTS_EXCHANGE} for this routing key"
             )),
             Ok(Err(PublishError::Nacked)) => Err("rejected by the broker (nack)".to_owned()),
+            Ok(Err(PublishError::Name { detail, .. })) => {
+                Err(format!("the original routing key is not usable: {detail}"))
+            }
             Ok(Err(e @ (PublishError::Broker(_) | PublishError::Encode(_)))) => {
                 Err(format!("publishing failed: {e}"))
             }
