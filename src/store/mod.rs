@@ -165,14 +165,15 @@ impl Store {
 
     /// A tenant's row with its ciphertext (`token show`).
     pub(crate) async fn tenant(&self, tenant_id: &str) -> Result<Option<TenantRow>, StoreError> {
-        let rows = provisioned_or_not(
-            &mut *self.pool.acquire().await?,
-            &[tenant_id.to_owned()],
-            true,
-            false,
+        let row = sqlx::query(
+            "SELECT tenant_id, container, token_fingerprint, issued_at, jti, token_ciphertext,
+                    key_id, generation, deleted_at
+               FROM tenants WHERE tenant_id = $1",
         )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(rows.into_values().next())
+        Ok(row.as_ref().map(row_from).transpose()?)
     }
 }
 
@@ -367,31 +368,6 @@ pub(crate) async fn known_requests(
         .await?;
     rows.into_iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
-}
-
-async fn provisioned_or_not(
-    tx: &mut PgConnection,
-    ids: &[String],
-    with_ciphertext: bool,
-    only_provisioned: bool,
-) -> Result<HashMap<String, TenantRow>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT tenant_id, container, token_fingerprint, issued_at, jti,
-                CASE WHEN $2 THEN token_ciphertext END, key_id, generation, deleted_at
-           FROM tenants
-          WHERE tenant_id = ANY($1) AND (issued_at IS NOT NULL OR NOT $3)",
-    )
-    .bind(ids)
-    .bind(with_ciphertext)
-    .bind(only_provisioned)
-    .fetch_all(tx)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            let row = row_from(&r)?;
-            Ok((row.tenant_id.clone(), row))
-        })
         .collect()
 }
 
