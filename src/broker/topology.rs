@@ -180,19 +180,20 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
     .await
 }
 
-/// Messages in `tenant-tokens.dead` (a passive declare: creates nothing).
+/// A queue's counts (messages ready, consumers), by a passive declare: creates nothing, and
+/// fails if the queue does not exist.
+pub async fn inspect(ch: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+}
+
+/// Messages in `tenant-tokens.dead`.
 pub(crate) async fn dead_letter_count(ch: &Channel) -> Result<u32, lapin::Error> {
-    let q = ch
-        .queue_declare(
-            DEAD_LETTER_QUEUE.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(q.message_count())
+    Ok(inspect(ch, DEAD_LETTER_QUEUE).await?.message_count())
 }
 
 /// Declares a private queue (exclusive, deleted with its connection) that receives every

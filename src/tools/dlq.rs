@@ -41,7 +41,7 @@ use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, Consumer,
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use serde_json::{Value, json};
@@ -617,13 +617,7 @@ impl Browse {
     }
 
     async fn declare_passive(&self) -> Result<lapin::Queue, lapin::Error> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        self.channel
-            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
-            .await
+        crate::broker::topology::inspect(&self.channel, DEAD_LETTER_QUEUE).await
     }
 
     /// Starts the next page: a consumer on a new channel, whose prefetch is the page size. The
@@ -774,14 +768,7 @@ fn refuse_other_readers(consumers: u32, ours: u32) -> anyhow::Result<()> {
 async fn settle(channel: &Channel, expected: u64) {
     let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        match channel
-            .queue_declare(DEAD_LETTER_QUEUE.into(), passive, FieldTable::default())
-            .await
-        {
+        match crate::broker::topology::inspect(channel, DEAD_LETTER_QUEUE).await {
             Ok(q) if u64::from(q.message_count()) < expected => {}
             _ => break,
         }

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tenant_tokens::broker::topology;
@@ -293,15 +291,7 @@ impl TestEnv {
     pub async fn queue_ready(&self, queue: &str) -> u32 {
         let conn = self.connect().await;
         let ch = conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let q = topology::inspect(&ch, queue)
             .await
             .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
         let _ = conn.close(200, "done".into()).await;
