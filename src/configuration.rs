@@ -143,6 +143,10 @@ pub struct RunArgs {
     /// A file holding the master token.
     #[arg(long, env = "ISSUER_MASTER_TOKEN_FILE")]
     pub issuer_master_token_file: Option<PathBuf>,
+    /// PEM certificate authorities trusted for an https ISSUER_URL on top of the system's (an
+    /// issuer behind a private CA).
+    #[arg(long, env = "ISSUER_CA_FILE")]
+    pub issuer_ca_file: Option<PathBuf>,
     /// Extra restrictions of every token, a JSON object, e.g. `{"dd":0,"exp":86400}` (seconds from now).
     #[arg(long, env = "ISSUER_RESTRICTIONS", default_value = "")]
     pub issuer_restrictions: String,
@@ -268,10 +272,16 @@ impl RunArgs {
             ConfigError("ISSUER_MASTER_TOKEN or ISSUER_MASTER_TOKEN_FILE is required".into())
         })?;
         let restrictions = Restrictions::parse(&self.issuer_restrictions).map_err(ConfigError)?;
+        let extra_roots = match &self.issuer_ca_file {
+            Some(path) => crate::issuer::read_ca_file(path).map_err(ConfigError)?,
+            None => Vec::new(),
+        };
         let cipher = self.key.cipher()?;
         if crate::broker::nodes(&self.broker.amqp_url).is_empty() {
             return Err(ConfigError("AMQP_URL names no broker".into()));
         }
+        crate::broker::tls::check(&self.broker.amqp_url)
+            .map_err(|e| ConfigError(e.to_string()))?;
         if self.retry_delays.0.is_empty() {
             return Err(ConfigError("RETRY_DELAYS needs at least one delay".into()));
         }
@@ -289,6 +299,7 @@ impl RunArgs {
                     ..RetryPolicy::default()
                 },
                 concurrency: self.issuer_concurrency as usize,
+                extra_roots,
             },
             cipher,
             concurrency: self.concurrency,

@@ -173,6 +173,22 @@ pub struct IssuerSettings {
     pub retry: RetryPolicy,
     /// Issuer calls (issue and revoke) in flight at once per process (`ISSUER_CONCURRENCY`).
     pub concurrency: usize,
+    /// Certificate authorities trusted for the issuer on top of the system's
+    /// (`ISSUER_CA_FILE`): an issuer behind a private CA.
+    pub extra_roots: Vec<reqwest::Certificate>,
+}
+
+/// Reads `ISSUER_CA_FILE`: every certificate of a PEM bundle. A file without one is an error,
+/// so a wrong path or a key file given by mistake stops start-up instead of every call.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let what = || format!("ISSUER_CA_FILE {}", path.display());
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", what()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{}: not PEM certificates: {e}", what()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: holds no PEM certificate", what()));
+    }
+    Ok(certs)
 }
 
 /// The issuer client. Cheap to clone; one connection pool per process.
@@ -200,6 +216,7 @@ impl IssuerClient {
             .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(256)
             .user_agent(concat!("tenant-tokens/", env!("CARGO_PKG_VERSION")))
+            .tls_certs_merge(settings.extra_roots)
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Self {
@@ -599,6 +616,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             concurrency: 4,
+            extra_roots: Vec::new(),
         })
         .expect("client")
     }
@@ -652,6 +670,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             concurrency: 4,
+            extra_roots: Vec::new(),
         })
         .expect("client");
         let container = ContainerName::parse("c-1").expect("name");

@@ -4,11 +4,12 @@
 pub(crate) mod inbound;
 pub mod message;
 pub mod publisher;
+pub mod tls;
 pub mod topology;
 
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
 use crate::telemetry::redact_url;
 
@@ -27,6 +28,10 @@ pub enum ConnectError {
     /// The last node tried did not answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// A node's TLS settings (its URL's `cacertfile`, `certfile`, `keyfile`) cannot be used:
+    /// no other node is tried, since this is a configuration mistake, not an outage.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSettingsError),
 }
 
 /// The nodes of `AMQP_URL`: one URL, or several separated by commas, the nodes of one cluster
@@ -46,7 +51,8 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError>
 
 /// Connects to the first node of `urls` that answers, trying them in order from the
 /// `start`-th (wrapping around), each for at most 10 s; returns the connection and the index
-/// of its node. A worker that lost a node starts from the next one: that is failover.
+/// of its node. A worker that lost a node starts from the next one: that is failover. An
+/// `amqps://` node uses the TLS settings of its URL's query ([`tls`]).
 pub async fn connect_from(
     urls: &str,
     start: usize,
@@ -57,7 +63,11 @@ pub async fn connect_from(
     for k in 0..nodes.len() {
         let i = (start + k) % nodes.len();
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        match tokio::time::timeout(NODE_TIMEOUT, Connection::connect(nodes[i], props)).await {
+        let builder = DefaultConnectionBuilder::new()?
+            .with_uri_str(nodes[i].to_owned())
+            .with_properties(props)
+            .with_tls_config(tls::tls_config(nodes[i])?);
+        match tokio::time::timeout(NODE_TIMEOUT, builder.connect()).await {
             Ok(Ok(conn)) => return Ok((conn, i)),
             Ok(Err(e)) => last = ConnectError::Broker(e),
             Err(_) => last = ConnectError::Timeout(NODE_TIMEOUT),

@@ -4,4 +4,5 @@ pub(crate) mod demo;
 pub mod dlq;
 mod rotate;
 pub mod stub_issuer;
+mod stub_tls;
 pub(crate) mod token;

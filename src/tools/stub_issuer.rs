@@ -12,6 +12,8 @@
 //!   `token` parameter;
 //! * `GET /api/tokens/inspect?token=…`: `200` with `{"ten","jti","issued_at"}` for a
 //!   live token, `410 Gone` for a revoked one, `404` for an unknown one;
+//! * https instead of http with `--tls-cert`/`--tls-key` ([`StubIssuer::start_tls`]),
+//!   so the worker's TLS client (`ISSUER_CA_FILE`) meets a real handshake;
 //! * latency and failure injection (per process: `--latency-ms`, `--fail-rate`, ...;
 //!   at run time: [`StubIssuer::set_mode`] or `POST /stub/mode` for issue, and
 //!   separately [`StubIssuer::set_revoke_mode`] or `POST /stub/revoke-mode` for
@@ -75,6 +77,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ContainerName;
+pub use crate::tools::stub_tls::StubTls;
+use crate::tools::stub_tls::TlsListener;
 
 /// How long [`StubIssuer::shutdown`] waits for in-flight requests before it aborts
 /// the server task, so a client holding a connection cannot hang a test forever.
@@ -142,6 +146,15 @@ pub struct StubArgs {
     /// Ignore Idempotency-Key and mint a new token every time (tests that path).
     #[arg(long)]
     pub no_idempotency: bool,
+
+    /// Serve https with this PEM certificate chain (with --tls-key), to test a worker's
+    /// ISSUER_CA_FILE against a private CA.
+    #[arg(long, env = "STUB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "STUB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 // Written by hand so the master token never reaches a log.
@@ -159,6 +172,8 @@ impl fmt::Debug for StubArgs {
             .field("fail_rate", &self.fail_rate)
             .field("fail_status", &self.fail_status)
             .field("no_idempotency", &self.no_idempotency)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }
@@ -174,6 +189,15 @@ fn parse_probability(s: &str) -> Result<f64, String> {
 }
 
 impl StubArgs {
+    /// The certificate and key of `--tls-cert`/`--tls-key`, if given: https instead of http.
+    fn tls(&self) -> anyhow::Result<Option<StubTls>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => StubTls::from_pem_files(cert, key).map(Some),
+            (None, None) => Ok(None),
+            _ => bail!("--tls-cert and --tls-key go together"),
+        }
+    }
+
     /// Validates the arguments and resolves the master token (reading and trimming
     /// `--master-token-file` if given), so [`run`] and embedders share one path.
     pub(crate) fn into_config(self) -> anyhow::Result<(SocketAddr, StubConfig)> {
@@ -353,6 +377,8 @@ mod rfc3339 {
 /// the runtime); call [`StubIssuer::shutdown`].
 pub struct StubIssuer {
     addr: SocketAddr,
+    /// `http`, or `https` when started with [`StubIssuer::start_tls`].
+    scheme: &'static str,
     shared: Arc<Shared>,
     cancel: CancellationToken,
     task: JoinHandle<std::io::Result<()>>,
@@ -371,35 +397,67 @@ impl StubIssuer {
     /// spawns the server on the current tokio runtime, so a test can start a stub
     /// in one line and point the worker at [`StubIssuer::url`].
     pub async fn start(listen: SocketAddr, config: StubConfig) -> std::io::Result<StubIssuer> {
+        Self::serve(listen, config, None).await
+    }
+
+    /// Like [`StubIssuer::start`], serving https with `tls` ([`StubIssuer::url`] says
+    /// `https://`), for tests of the worker's TLS client.
+    pub async fn start_tls(
+        listen: SocketAddr,
+        config: StubConfig,
+        tls: &StubTls,
+    ) -> std::io::Result<StubIssuer> {
+        Self::serve(listen, config, Some(tls)).await
+    }
+
+    async fn serve(
+        listen: SocketAddr,
+        config: StubConfig,
+        tls: Option<&StubTls>,
+    ) -> std::io::Result<StubIssuer> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let cancel = CancellationToken::new();
         let app = router(shared.clone());
         let signal = cancel.clone().cancelled_owned();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(signal)
-                .await
-        });
-        tracing::info!(%addr, "stub issuer started");
+        let task = match tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }),
+            Some(tls) => {
+                let listener = TlsListener::new(listener, tls)?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(signal)
+                        .await
+                })
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "stub issuer started");
         Ok(StubIssuer {
             addr,
+            scheme,
             shared,
             cancel,
             task,
         })
     }
 
-    /// Base URL for `ISSUER_URL`, e.g. `http://127.0.0.1:9401`. A wildcard listen
-    /// address is replaced by loopback, because clients cannot connect to 0.0.0.0.
+    /// Base URL for `ISSUER_URL`, e.g. `http://127.0.0.1:9401` (`https://` when serving
+    /// TLS). A wildcard listen address is replaced by loopback, because clients cannot
+    /// connect to 0.0.0.0.
     pub fn url(&self) -> String {
         let ip = match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+        let addr = SocketAddr::new(ip, self.addr.port());
+        format!("{}://{addr}", self.scheme)
     }
 
     /// A snapshot of the counters, for assertions after a run.
@@ -452,8 +510,9 @@ impl StubIssuer {
 /// URL on stdout so scripts can capture it, and logs requests with `tracing`
 /// (routine issue requests at debug level; never the master token or tokens).
 pub async fn run(args: StubArgs) -> anyhow::Result<()> {
+    let tls = args.tls()?;
     let (listen, config) = args.into_config()?;
-    let stub = StubIssuer::start(listen, config)
+    let stub = StubIssuer::serve(listen, config, tls.as_ref())
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("{}", stub.url());

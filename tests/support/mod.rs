@@ -15,8 +15,12 @@ mod env;
 #[allow(dead_code)]
 mod issuer;
 #[allow(dead_code)]
+mod private_pg;
+#[allow(dead_code)]
 mod proxy;
 mod services;
+#[allow(dead_code)]
+mod tls_certs;
 #[allow(dead_code)]
 mod util;
 #[allow(dead_code)]
@@ -33,3 +37,11 @@ pub use self::{
     util::{eventually, fake_jwt, free_local_addr, tenant},
     workers::{ChildWorker, WorkerHandle, test_key, worker_binary},
 };
+
+/// Certificates made in the test (`tls_certs`), for the TLS tests.
+#[allow(unused_imports)]
+pub use self::tls_certs::{CertFiles, TestCa};
+
+/// Private Postgres servers (`private_pg`), for TLS and failover tests.
+#[allow(unused_imports)]
+pub use self::private_pg::PrivatePg;

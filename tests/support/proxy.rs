@@ -23,6 +23,8 @@ struct ProxyState {
     severed: bool,
     live: Vec<tokio::task::AbortHandle>,
     accepted: u64,
+    /// Where new connections go (`host:port`).
+    upstream: String,
 }
 
 impl TcpProxy {
@@ -33,8 +35,8 @@ impl TcpProxy {
             .expect("proxy listener");
         let addr = listener.local_addr().expect("proxy address");
         let inner = Arc::new(ProxyInner::default());
+        inner.state.lock().expect("proxy state").upstream = upstream.to_owned();
         let shared = inner.clone();
-        let upstream = upstream.to_owned();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -47,7 +49,7 @@ impl TcpProxy {
                 }
                 state.accepted += 1;
                 state.live.retain(|h| !h.is_finished());
-                let upstream = upstream.clone();
+                let upstream = state.upstream.clone();
                 let task = tokio::spawn(async move {
                     if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
@@ -70,6 +72,12 @@ impl TcpProxy {
         for h in state.live.drain(..) {
             h.abort();
         }
+    }
+
+    /// Forwards new connections to `upstream` from now on: the same address, another server
+    /// (a failover as the client sees it).
+    pub fn set_upstream(&self, upstream: &str) {
+        self.inner.state.lock().expect("proxy state").upstream = upstream.to_owned();
     }
 
     /// Forwards new connections again.
