@@ -33,6 +33,9 @@ pub(crate) enum Command {
     Migrate(MigrateArgs),
     /// Print a fresh base64 encryption key for TOKEN_ENCRYPTION_KEY.
     Keygen,
+    /// Re-encrypt every stored token with TOKEN_ENCRYPTION_KEY (online, in batches, resumable),
+    /// so retired keys can be dropped.
+    Rekey(crate::tools::rekey::RekeyArgs),
     /// Stored tokens.
     #[command(subcommand)]
     Token(crate::tools::token::TokenCommand),
@@ -148,6 +151,10 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Token(command) => {
             telemetry::init_tracing(cli.log_format, "warn");
             crate::tools::token::run(command).await
+        }
+        Command::Rekey(args) => {
+            telemetry::init_tracing(cli.log_format, "warn");
+            crate::tools::rekey::run(args).await
         }
         Command::Dlq { broker, command } => {
             telemetry::init_tracing(cli.log_format, "warn");

@@ -17,7 +17,7 @@ use crate::domain::{TenantId, TenantToken};
 const NONCE_LEN: usize = 12;
 
 /// Why a key or ciphertext could not be used. Never contains key or token material.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CryptoError {
     /// The configured key is not base64 of 32 bytes.
     #[error(
@@ -116,6 +116,16 @@ impl TokenCipher {
             current_id: current.id(),
             keys,
         })
+    }
+
+    /// The id of the key new tokens are sealed with: what `rekey` moves every row to.
+    pub(crate) fn current_key_id(&self) -> &str {
+        &self.current_id
+    }
+
+    /// The ids of every configured key, current first: the rows this cipher can open.
+    pub(crate) fn key_ids(&self) -> Vec<String> {
+        self.keys.iter().map(|(id, _)| id.clone()).collect()
     }
 
     /// Seals a tenant's token.

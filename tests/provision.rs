@@ -58,6 +58,7 @@ fn ready(outcome: &Outcome) -> &tenant_tokens::domain::ReadyEvent {
     match outcome {
         Outcome::Ready(e) => e,
         Outcome::Failed(e) => panic!("expected a ready event, got {e}"),
+        Outcome::Undecryptable(e) => panic!("expected a ready event, got {e}"),
         Outcome::Gone { .. } | Outcome::Deleted => panic!("expected a ready event"),
     }
 }

@@ -16,6 +16,7 @@
 //! | issuer `401`/`403` | — (trips it) | hold as the probe, or requeue if one runs |
 //! | transient issuer failure | closed | retry later (attempts + 1), or dead-letter `exhausted` at `MAX_ATTEMPTS` |
 //! | transient issuer failure | open | hold as the probe, or requeue if one runs; no attempt counted |
+//! | a stored token's key is not configured | any | retry later (attempts + 1), or dead-letter `exhausted` at `MAX_ATTEMPTS` |
 //! | shutting down | any | requeue |
 
 use std::time::Duration;
@@ -62,6 +63,9 @@ pub(crate) enum Happened {
     },
     /// The issuer was unavailable past the in-process retry budget.
     Transient,
+    /// The event must carry the stored token and no configured key opens it: a configuration
+    /// fault (add the key), not the issuer's, so the breaker ignores it.
+    KeyMissing,
     /// Provisioning this message alone failed with an error retrying cannot fix.
     Unrecoverable,
     /// The tenant was deleted before this request.
@@ -147,7 +151,7 @@ pub(crate) fn decide(
         Happened::Done => Disposition::Ack,
         Happened::Unauthorized => pause,
         Happened::Transient if breaker != BreakerState::Closed => pause,
-        Happened::Transient => {
+        Happened::Transient | Happened::KeyMissing => {
             let attempts = attempts.saturating_add(1);
             if attempts >= policy.max_attempts {
                 return dead(DeadKind::Exhausted, attempts, None);
@@ -311,6 +315,27 @@ mod tests {
                 issuer_status: None
             }
         );
+    }
+
+    #[test]
+    fn a_missing_key_is_retried_whatever_the_breaker_then_exhausted() {
+        for b in ALL_BREAKERS {
+            assert_eq!(
+                decide(Happened::KeyMissing, 0, b, &policy()),
+                Disposition::RetryLater {
+                    delay: Duration::from_secs(1),
+                    attempts: 1
+                }
+            );
+            assert_eq!(
+                decide(Happened::KeyMissing, 3, b, &policy()),
+                Disposition::DeadLetter {
+                    kind: DeadKind::Exhausted,
+                    attempts: 4,
+                    issuer_status: None
+                }
+            );
+        }
     }
 
     #[test]

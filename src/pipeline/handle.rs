@@ -25,6 +25,7 @@ use crate::broker::message::{cut, text};
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::topology::{self, headers};
 use crate::domain::{ProvisionRequest, ReadyEvent, now_rfc3339};
+use crate::crypto::CryptoError;
 use crate::issuer::IssuerError;
 use crate::ops::health::Health;
 use crate::telemetry::metric;
@@ -66,7 +67,12 @@ impl Fate {
             }
             Self::Provisioned(Outcome::Gone { .. }) => Happened::Gone,
             Self::Provisioned(Outcome::Deleted) => Happened::Done,
-            Self::Unrecoverable(_) => Happened::Unrecoverable,
+            Self::Provisioned(Outcome::Undecryptable(CryptoError::UnknownKey(_))) => {
+                Happened::KeyMissing
+            }
+            Self::Provisioned(Outcome::Undecryptable(_)) | Self::Unrecoverable(_) => {
+                Happened::Unrecoverable
+            }
             Self::Interrupted => Happened::Interrupted,
         }
     }
@@ -87,6 +93,7 @@ impl Fate {
         match self {
             Self::Provisioned(Outcome::Failed(e)) => e.to_string(),
             Self::Provisioned(Outcome::Gone { deleted_at }) => format!(
+            Self::Provisioned(Outcome::Undecryptable(e)) => e.to_string(),
                 "the tenant was deleted at {}; tenant ids are never reused",
                 crate::domain::rfc3339(*deleted_at)
             ),

@@ -162,7 +162,10 @@ impl Provisioner {
         let mut event = parse_event(id, &stored)?;
         if self.include_token {
             let row = self.store.tenant(r.tenant_id.as_str()).await?;
-            event.token = self.open(r, row.as_ref()).map(|t| t.expose().to_owned());
+            match self.open(r, row.as_ref()) {
+                Ok(t) => event.token = t.map(|t| t.expose().to_owned()),
+                Err(e) => return Ok(Some(Outcome::Undecryptable(e))),
+            }
         }
         Ok(Some(Outcome::Ready(Box::new(event))))
     }

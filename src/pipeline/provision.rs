@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use crate::crypto::TokenCipher;
+use crate::crypto::{CryptoError, TokenCipher};
 use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken, Trigger};
 use crate::domain::{ReadyEvent, rfc3339};
 use crate::issuer::{IssuerClient, IssuerError};
@@ -94,6 +94,11 @@ pub enum Outcome {
     },
     /// A deletion is done (or was already): its revocations are due; nothing to publish.
     Deleted,
+    /// The tenant has its token, but the event must carry it (`EVENT_INCLUDE_TOKEN`) and the
+    /// stored ciphertext does not open: its key is not configured (a configuration fault,
+    /// fixed by adding the key to `TOKEN_DECRYPTION_KEYS`: the message is retried, then
+    /// dead-lettered for replay), or the row is damaged.
+    Undecryptable(CryptoError),
 }
 
 /// A claim: tenant id, proposed container, tenant name.
@@ -342,17 +347,22 @@ impl Provisioner {
         tenants: &HashMap<String, TenantRow>,
     ) -> Result<Vec<Outcome>, ProvisionError> {
         for (r, outcome) in reqs.iter().zip(outcomes.iter_mut()) {
-            if let Outcome::Ready(event) = outcome {
-                if let Some(stored) = lost_races.get(r.identity.as_str()) {
-                    **event = parse_event(r.identity.as_str(), stored)?;
-                }
-                if self.include_token {
-                    event.token = fresh
-                        .get(&event.tenant_id)
-                        .cloned()
-                        .or_else(|| self.open(r, tenants.get(&event.tenant_id)))
-                        .map(|t| t.expose().to_owned());
-                }
+            let Outcome::Ready(event) = outcome else {
+                continue;
+            };
+            if let Some(stored) = lost_races.get(r.identity.as_str()) {
+                **event = parse_event(r.identity.as_str(), stored)?;
+            }
+            if !self.include_token {
+                continue;
+            }
+            let token = match fresh.get(&event.tenant_id) {
+                Some(t) => Ok(Some(t.clone())),
+                None => self.open(r, tenants.get(&event.tenant_id)),
+            };
+            match token {
+                Ok(t) => event.token = t.map(|t| t.expose().to_owned()),
+                Err(e) => *outcome = Outcome::Undecryptable(e),
             }
         }
         Ok(outcomes)
@@ -391,19 +401,24 @@ impl Provisioner {
         (fresh, failures)
     }
 
+    /// The stored token of `row`, for an event under `EVENT_INCLUDE_TOKEN`: `None` when the
+    /// row holds none; an error when it cannot be opened (its key is not configured, or the
+    /// row is damaged), which the handler turns into a retry, never into an event without
+    /// its token.
     pub(super) fn open(
         &self,
         r: &ProvisionRequest,
         row: Option<&TenantRow>,
-    ) -> Option<TenantToken> {
-        let sealed = row?.token.as_ref()?.sealed.as_ref()?;
-        match self.cipher.open(&r.tenant_id, sealed) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::error!(tenant = %r.tenant_id, error = %e, "cannot decrypt the stored token for the event");
-                None
-            }
-        }
+    ) -> Result<Option<TenantToken>, CryptoError> {
+        let Some(sealed) = row
+            .and_then(|row| row.token.as_ref())
+            .and_then(|t| t.sealed.as_ref())
+        else {
+            return Ok(None);
+        };
+        self.cipher.open(&r.tenant_id, sealed).map(Some).inspect_err(|e| {
+            tracing::error!(tenant = %r.tenant_id, key_id = %sealed.key_id, error = %e, "cannot decrypt the stored token for the event");
+        })
     }
 }
 

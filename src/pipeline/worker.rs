@@ -53,9 +53,10 @@ struct Session {
 }
 
 impl Worker {
-    /// Connects to Postgres (creating and migrating the database; waiting with backoff while
-    /// it is unreachable, rather than crash-looping) and builds the pipeline. `None` when
-    /// shutdown came first. The broker is connected by [`Worker::run`].
+    /// Connects to Postgres (creating the database if missing and applying pending migrations:
+    /// none on an up-to-date database, so a runtime role without DDL rights works; waiting
+    /// with backoff while it is unreachable, rather than crash-looping) and builds the
+    /// pipeline. `None` when shutdown came first. The broker is connected by [`Worker::run`].
     pub async fn build(
         settings: Settings,
         health: Arc<Health>,
@@ -275,14 +276,15 @@ fn take_ready(consumer: &mut Consumer, batch: &mut Vec<Inbound>, limit: usize) {
     }
 }
 
-/// Connects to Postgres and migrates, retrying with backoff while it is unreachable; `None`
+/// Connects to Postgres and applies pending migrations, retrying with backoff while it is
+/// unreachable (or while migrations are pending that this role may not apply); `None`
 /// when shutdown came first.
 async fn connect_store(url: &str, pool_size: u32, shutdown: &CancellationToken) -> Option<Store> {
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = async {
             let store = Store::connect(url, pool_size).await?;
-            store.migrate().await?;
+            store.migrate_if_pending().await?;
             Ok::<_, store::StoreError>(store)
         };
         match attempt.await {

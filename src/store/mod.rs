@@ -27,6 +27,8 @@ use crate::crypto::Sealed;
 
 pub(crate) mod lifecycle;
 pub(crate) mod revocations;
+mod schema;
+pub(crate) mod sealed;
 
 /// A Postgres failure. [`StoreError::is_retryable`] tells a database that is unavailable or
 /// busy (try again, nothing is wrong with the messages) from one that refuses what it was given
@@ -127,35 +129,50 @@ pub(crate) struct NewRequest {
 }
 
 impl Store {
-    /// Connects, creating the database if it does not exist. Does not migrate.
+    /// Connects, creating the database only if it does not exist (so a role without
+    /// `CREATEDB` connects to an existing one). Does not migrate.
     pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        if !Postgres::database_exists(url).await? {
-            match Postgres::create_database(url).await {
-                Ok(()) => tracing::info!("created the database"),
-                // Another replica created it first.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
         let options = PgConnectOptions::from_str(url)?
             .application_name("tenant-tokens")
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
             .log_statements(tracing::log::LevelFilter::Trace);
-        let pool = PgPoolOptions::new()
+        let pool_options = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
+            .acquire_timeout(Duration::from_secs(10));
+        match pool_options.clone().connect_with(options.clone()).await {
+            // invalid_catalog_name: the database does not exist.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
+            connected => return Ok(Self { pool: connected? }),
+        }
+        match Postgres::create_database(url).await {
+            Ok(()) => tracing::info!("created the database"),
+            // Another replica created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+        let pool = pool_options.connect_with(options).await?;
         Ok(Self { pool })
     }
 
     /// Applies the SQL files of `migrations/` (under an advisory lock, safe with replicas).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations")
+        schema::MIGRATOR
             .run(&self.pool)
             .await
             .map_err(|e| StoreError(e.into()))
+    }
+
+    /// Applies the migrations only if some are pending; returns how many were. `run` calls
+    /// this at start-up: on an up-to-date database it reads `_sqlx_migrations` and changes
+    /// nothing, so a runtime role without DDL rights can start the worker.
+    pub async fn migrate_if_pending(&self) -> Result<usize, StoreError> {
+        let pending = schema::pending(&self.pool).await?;
+        if pending > 0 {
+            tracing::info!(pending, "applying database migrations");
+            self.migrate().await?;
+        }
+        Ok(pending)
     }
 
     /// The pool, for transactions.

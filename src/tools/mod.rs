@@ -2,6 +2,7 @@
 
 pub(crate) mod demo;
 pub mod dlq;
+pub(crate) mod rekey;
 mod rotate;
 pub mod stub_issuer;
 mod stub_tls;

@@ -16,7 +16,8 @@ pub struct TestEnv {
     pub amqp_url: String,
     /// The URL of this test's database.
     pub database_url: String,
-    admin_url: String,
+    /// The server's maintenance database, for cluster-wide statements.
+    pub(super) admin_url: String,
     /// The RabbitMQ management API, for the vhost and for fault injection.
     pub(super) management: String,
 }

@@ -11,6 +11,8 @@ mod audit;
 #[allow(dead_code)]
 mod broker;
 #[allow(dead_code)]
+mod command;
+#[allow(dead_code)]
 mod env;
 #[allow(dead_code)]
 mod issuer;
@@ -22,6 +24,8 @@ mod services;
 #[allow(dead_code)]
 mod tls_certs;
 #[allow(dead_code)]
+mod users;
+#[allow(dead_code)]
 mod util;
 #[allow(dead_code)]
 mod workers;
@@ -31,6 +35,7 @@ mod workers;
 pub use self::{
     audit::{Audit, audit, tenants_with_events, wait_for_tenants},
     broker::{Collector, Producer, Received},
+    command::{CommandOutput, run_cli},
     env::{TestEnv, install_poison_trigger},
     issuer::{Issue, MASTER_TOKEN, stub_in_flight, stub_issuer, wiremock_issuer},
     proxy::TcpProxy,
