@@ -137,7 +137,7 @@ where
 pub(crate) async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Run(args) => {
-            telemetry::init_tracing(cli.log_format, "info");
+            let _traces = telemetry::init_tracing_with_traces(cli.log_format, "info");
             run(*args).await
         }
         Command::Migrate(args) => {
@@ -183,10 +183,22 @@ async fn run(args: RunArgs) -> Result<u8, Failure> {
     telemetry::describe_metrics();
     let shutdown = crate::shutdown::on_signals();
     let health = Arc::new(Health::default());
-    let ops = crate::ops::serve(settings.ops_addr, health.clone(), shutdown.clone())
-        .await
-        .map_err(|e| Failure::new(2, anyhow::anyhow!("OPS_ADDR {}: {e}", settings.ops_addr)))?;
-    tracing::info!(ops = %ops, "ops endpoints listening");
+    let console =
+        crate::ops::console::Console::new(settings.amqp_url.clone(), settings.ops_token.clone());
+    let actions = if settings.ops_token.is_some() {
+        "enabled (OPS_TOKEN)"
+    } else {
+        "disabled (no OPS_TOKEN)"
+    };
+    let ops = crate::ops::serve_with_console(
+        settings.ops_addr,
+        health.clone(),
+        Some(console),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| Failure::new(2, anyhow::anyhow!("OPS_ADDR {}: {e}", settings.ops_addr)))?;
+    tracing::info!(ops = %ops, console = %format!("http://{ops}/dlq"), console_actions = actions, "ops endpoints listening");
     let Some(worker) = Worker::build(settings, health.clone(), shutdown.clone()).await? else {
         return Ok(0);
     };

@@ -189,6 +189,13 @@ pub struct RunArgs {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[arg(long, env = "OPS_ADDR", default_value = "127.0.0.1:9400")]
     pub ops_addr: SocketAddr,
+    /// Bearer secret that allows the dead-letter console's actions (replay, purge); without
+    /// it the console is read-only. Prefer the _FILE form.
+    #[arg(long, env = "OPS_TOKEN", hide_env_values = true)]
+    pub ops_token: Option<SecretArg>,
+    /// A file holding OPS_TOKEN.
+    #[arg(long, env = "OPS_TOKEN_FILE")]
+    pub ops_token_file: Option<PathBuf>,
     /// How new containers are named.
     #[arg(long, env = "CONTAINER_NAMING", value_enum, default_value_t = NamingStrategy::Derived)]
     pub container_naming: NamingStrategy,
@@ -228,6 +235,8 @@ pub struct Settings {
     pub request_retention: Duration,
     /// Ops endpoint address.
     pub ops_addr: SocketAddr,
+    /// `OPS_TOKEN`: what the console's actions need; none means a read-only console.
+    pub ops_token: Option<SecretString>,
     /// Container naming.
     pub naming: NamingStrategy,
     /// `EVENT_INCLUDE_TOKEN`.
@@ -309,6 +318,12 @@ impl RunArgs {
             shutdown_grace: self.shutdown_grace,
             request_retention: self.request_retention,
             ops_addr: self.ops_addr,
+            ops_token: secret_value(
+                self.ops_token.as_ref().map(SecretArg::expose),
+                self.ops_token_file.as_ref(),
+                "OPS_TOKEN",
+            )?
+            .map(SecretString::from),
             naming: self.container_naming,
             include_token: self.event_include_token,
             rotation_grace: self.rotation_grace,

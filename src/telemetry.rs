@@ -1,4 +1,7 @@
-//! Logs (tracing, JSON or pretty) and metrics (Prometheus text at `/metrics`).
+//! Logs (tracing, JSON or pretty), metrics (Prometheus text at `/metrics`) and, when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, traces over OTLP ([`otlp`]).
+
+pub mod otlp;
 
 use std::sync::OnceLock;
 
@@ -46,9 +49,27 @@ pub enum LogFormat {
 /// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
 /// Logs go to stderr so that command output on stdout stays clean.
 pub fn init_tracing(format: LogFormat, default_level: &str) {
+    install(format, default_level, None);
+}
+
+/// [`init_tracing`] for the worker: also exports spans over OTLP when the environment asks
+/// for it (see [`otlp`]). Keep the returned value until the end: dropping it flushes.
+pub fn init_tracing_with_traces(format: LogFormat, default_level: &str) -> otlp::Traces {
+    let (provider, traces) = otlp::from_env();
+    install(format, default_level, provider.as_ref());
+    traces
+}
+
+fn install(
+    format: LogFormat,
+    default_level: &str,
+    traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(traces.map(otlp::layer));
     let result = match format {
         LogFormat::Json => registry
             .with(

@@ -1,6 +1,8 @@
 //! The ops endpoints: `/healthz` (the process is alive), `/readyz` (it is consuming and can
-//! do its job) and `/metrics` (Prometheus text).
+//! do its job), `/metrics` (Prometheus text) and the dead-letter console at `/dlq`
+//! ([`console`]).
 
+pub mod console;
 pub(crate) mod dead_letters;
 pub mod health;
 
@@ -53,10 +55,24 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    serve_with_console(addr, health, None, shutdown).await
+}
+
+/// [`serve`], with the dead-letter console at `/dlq` when one is given.
+pub async fn serve_with_console(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    console: Option<console::Console>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let app = match console {
+        Some(c) => router(health).merge(c.router()),
+        None => router(health),
+    };
     tokio::spawn(async move {
-        let server = axum::serve(listener, router(health))
+        let server = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
         if let Err(e) = server.await {
             tracing::error!(error = %e, "ops server failed");

@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 use super::decode;
 use super::disposition::{self, BreakerState, DeadKind, Disposition, Happened, Policy};
 use super::provision::{Outcome, ProvisionError, Provisioner};
+use super::trace;
 use crate::broker::inbound::Inbound;
 use crate::broker::message::{cut, text};
 use crate::broker::publisher::{PublishError, Publisher};
@@ -126,27 +127,63 @@ pub(crate) async fn handle_batch(ctx: &Context, publisher: &Publisher, batch: Ve
         tracing::warn!(routing_key = %m.routing_key, error = %e, "invalid message; dead-lettering");
         carry_out(ctx, publisher, m, Happened::Invalid, &e.to_string()).await;
     }));
-    let valid_done = async {
-        let fates = provision(ctx, &reqs).await;
-        join_all(valid.iter().zip(&reqs).zip(fates).map(|((m, req), fate)| {
-            settle(ctx, publisher, m, req, fate).instrument(request_span(req))
-        }))
-        .await;
-    };
+    let valid_done =
+        async {
+            let spans: Vec<tracing::Span> = reqs.iter().map(request_span).collect();
+            let fates = provision_traced(ctx, &reqs, &spans).await;
+            let settled = valid.iter().zip(&reqs).zip(fates).zip(spans);
+            join_all(settled.map(|(((m, req), fate), span)| {
+                settle(ctx, publisher, m, req, fate).instrument(span)
+            }))
+            .await;
+        };
     tokio::join!(invalid_done, valid_done);
 }
 
+/// The `consume` span of one request (named `request` in logs), continuing its trace.
 fn request_span(req: &ProvisionRequest) -> tracing::Span {
     let trace_id = req.traceparent.as_deref().and_then(|t| t.split('-').nth(1));
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
+        otel.name = "consume",
+        otel.kind = "consumer",
         tenant = %req.tenant_id,
         message = %req.identity,
         trigger = req.trigger.as_str(),
         extension = req.extension_id.as_deref(),
         correlation_id = req.correlation_id.as_deref(),
         trace_id,
-    )
+    );
+    trace::continue_trace(&span, req.traceparent.as_deref());
+    span
+}
+
+/// [`provision`] in the batch's `store` span, each issue call in its own request's trace.
+async fn provision_traced(
+    ctx: &Context,
+    reqs: &[ProvisionRequest],
+    spans: &[tracing::Span],
+) -> Vec<Fate> {
+    let by_identity = reqs
+        .iter()
+        .zip(spans)
+        .map(|(r, s)| (r.identity.as_str().to_owned(), s.clone()))
+        .collect();
+    let provisioning = provision(ctx, reqs).instrument(store_span(spans));
+    trace::with_request_spans(by_identity, provisioning).await
+}
+
+/// The span of a batch's transaction: in the trace of its first request, linked to the
+/// others (one transaction serves them all).
+fn store_span(spans: &[tracing::Span]) -> tracing::Span {
+    let Some((first, others)) = spans.split_first() else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(parent: first, "store", batch = spans.len());
+    for other in others {
+        span.follows_from(other);
+    }
+    span
 }
 
 /// Runs the provisioning step until every request has a fate. A database that is unavailable
@@ -257,9 +294,16 @@ async fn execute(publisher: &Publisher, m: &Inbound, d: &Disposition, error: &st
 }
 
 async fn publish_ready(publisher: &Publisher, m: &Inbound, req: &ProvisionRequest, e: &ReadyEvent) {
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        routing_key = topology::TOKEN_READY
+    );
     let result = match serde_json::to_vec(e) {
         Ok(body) => {
-            let props = ready_properties(req, e);
+            let traceparent = trace::outgoing(&span)
+                .or_else(|| req.traceparent.as_deref().and_then(child_traceparent));
+            let props = ready_properties(req, e, traceparent.as_deref());
             publisher
                 .publish(
                     topology::EVENTS_EXCHANGE,
@@ -284,13 +328,18 @@ async fn publish_ready(publisher: &Publisher, m: &Inbound, req: &ProvisionReques
 }
 
 /// The properties of `tenant.token.ready` (contract §7).
-fn ready_properties(req: &ProvisionRequest, event: &ReadyEvent) -> BasicProperties {
+/// `traceparent` is the event's own trace context, if it has one.
+fn ready_properties(
+    req: &ProvisionRequest,
+    event: &ReadyEvent,
+    traceparent: Option<&str>,
+) -> BasicProperties {
     let mut h = FieldTable::default();
     if let Some(c) = &req.correlation_id {
         h.insert(headers::REQUEST_CORRELATION_ID.into(), text(c));
     }
-    if let Some(tp) = req.traceparent.as_deref().and_then(child_traceparent) {
-        h.insert(headers::TRACEPARENT.into(), text(&tp));
+    if let Some(tp) = traceparent {
+        h.insert(headers::TRACEPARENT.into(), text(tp));
     }
     BasicProperties::default()
         .with_content_type("application/json".into())

@@ -10,5 +10,6 @@ pub(crate) mod disposition;
 pub(crate) mod handle;
 mod lifecycle;
 pub mod provision;
+mod trace;
 pub(crate) mod revoker;
 pub mod worker;

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use tracing::Instrument as _;
 
 use crate::crypto::{CryptoError, TokenCipher};
 use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken, Trigger};
@@ -381,8 +382,18 @@ impl Provisioner {
             .map(|(r, row)| {
                 let tenant = &r.tenant_id;
                 let container = ContainerName::from_stored(row.container.clone());
+                let span = tracing::info_span!(
+                    parent: &super::trace::request_span(r.identity.as_str()),
+                    "issue",
+                    otel.kind = "client",
+                    tenant = %tenant,
+                );
                 async move {
-                    let result = self.issuer.issue(tenant, &container, 1).await;
+                    let result = self
+                        .issuer
+                        .issue(tenant, &container, 1)
+                        .instrument(span)
+                        .await;
                     (tenant, result)
                 }
             });

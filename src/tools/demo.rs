@@ -278,9 +278,13 @@ async fn first_act(
     let started = Instant::now();
     publish(conn, &reqs).await?;
 
-    show_progress(events, total, started, args.timeout, out).await?;
+    let seen = show_progress(events, total, started, args.timeout).await;
     let elapsed = started.elapsed();
-    writeln!(out)?;
+    writeln!(
+        out,
+        "  ready events {seen}/{total} in {:.1} s",
+        elapsed.as_secs_f64()
+    )?;
     Ok(FirstAct {
         total,
         tenants: tenant_set.len(),
@@ -451,25 +455,22 @@ async fn publish(conn: &lapin::Connection, reqs: &[Request]) -> anyhow::Result<(
         .map_err(|e| anyhow::anyhow!("the broker refused a demo request: {e}"))
 }
 
-/// Rewrites one progress line until `total` ready events arrived or `timeout` passed.
+/// Shows a progress bar (on a terminal) until `total` ready events arrived or `timeout`
+/// passed; returns how many arrived.
 async fn show_progress(
     events: &Mutex<Vec<serde_json::Value>>,
     total: usize,
     started: Instant,
     timeout: Duration,
-    out: &mut std::io::Stdout,
-) -> anyhow::Result<()> {
+) -> usize {
     let deadline = started + timeout;
+    let bar = crate::tools::progress::bar(total as u64, "  ready events");
     loop {
         let seen = events.lock().map(|e| e.len()).unwrap_or(0);
-        write!(
-            out,
-            "\r  ready events {seen:>5}/{total}  ({:.1} s)",
-            started.elapsed().as_secs_f64()
-        )?;
-        out.flush()?;
+        bar.set_position(seen.min(total) as u64);
         if seen >= total || Instant::now() > deadline {
-            return Ok(());
+            bar.finish_and_clear();
+            return seen;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -53,6 +53,7 @@ use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::topology::{DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, headers};
 use crate::configuration::parse_duration;
 use crate::telemetry::redact_url;
+use crate::tools::progress;
 
 /// How long a browse waits for one more delivery before deciding the queue has no more.
 const BROWSE_IDLE: Duration = Duration::from_secs(1);
@@ -78,7 +79,7 @@ const BROKER_HEADER_PREFIXES: &[&str] = &["x-first-death-", "x-last-death-"];
 const DELIVERY_LIMIT_REASON: &str = "delivery_limit";
 /// The error kinds of contract §2, plus `unknown` for a message that reached the dead-letter
 /// queue without any dead-letter headers (published to the exchange by hand, say).
-const KINDS: [&str; 5] = ["invalid", "rejected", "exhausted", "gone", "unknown"];
+pub(crate) const KINDS: [&str; 5] = ["invalid", "rejected", "exhausted", "gone", "unknown"];
 /// Longest error shown in the `list` table; `show` and `--json` print it whole.
 const TABLE_ERROR_CHARS: usize = 80;
 /// Widest tenant or routing key column in the `list` table.
@@ -129,6 +130,10 @@ pub struct Filters {
     /// Take only the first N matches, in queue order.
     #[arg(long, value_name = "N", value_parser = parse_limit)]
     pub limit: Option<usize>,
+    /// Only dead letters whose error is exactly this text: how the console selects one
+    /// (kind, error) group, which `--error-contains` cannot do when one error contains another.
+    #[arg(skip)]
+    pub error_is: Option<String>,
 }
 
 /// Arguments of `dlq list`; a separate struct so `--summary` stays specific to listing.
@@ -213,11 +218,7 @@ pub async fn run(
         DlqCommand::Replay(args) => replay(&mut browse, args, out).await,
         DlqCommand::Purge(args) => purge(&mut browse, args, out).await,
     };
-    // Hand the untouched dead letters back whatever happened above.
-    let finished = browse.finish().await;
-    let code = result?;
-    finished?;
-    Ok(code)
+    browse.finish_with(result).await
 }
 
 /// The opaque, stable id of a dead letter.
@@ -263,18 +264,20 @@ pub fn dead_letter_id(props: &BasicProperties, body: &[u8]) -> String {
     hex::encode(&digest[..8])
 }
 
+/// The filters of the command line, for messages that tell how to select.
+const FILTER_FLAGS: &str = "--kind, --tenant, --since, --before, --error-contains or --id";
+
 /// Why a command must not run, checked before connecting so that a mistake costs nothing.
 fn usage_problem(cmd: &DlqCommand) -> Option<String> {
-    const FILTERS: &str = "--kind, --tenant, --since, --before, --error-contains or --id";
     match cmd {
         DlqCommand::Replay(args) if !args.all && !args.filters.selects() => Some(format!(
-            "dlq replay acts on nothing without a filter: give {FILTERS}, or --all to replay every dead letter"
+            "dlq replay acts on nothing without a filter: give {FILTER_FLAGS}, or --all to replay every dead letter"
         )),
         DlqCommand::Purge(args) => {
             let mut missing = Vec::new();
             if !args.all && !args.filters.selects() {
                 missing.push(format!(
-                    "a filter ({FILTERS}) or --all to purge every dead letter"
+                    "a filter ({FILTER_FLAGS}) or --all to purge every dead letter"
                 ));
             }
             if !args.yes {
@@ -292,12 +295,13 @@ fn usage_problem(cmd: &DlqCommand) -> Option<String> {
 impl Filters {
     /// Whether a filter that narrows the selection is given (`--limit` alone does not count:
     /// "the first N of everything" is still everything to someone who forgot a filter).
-    fn selects(&self) -> bool {
+    pub(crate) fn selects(&self) -> bool {
         self.kind.is_some()
             || self.tenant.is_some()
             || self.since.is_some()
             || self.before.is_some()
             || self.error_contains.is_some()
+            || self.error_is.is_some()
             || self.id.is_some()
     }
 
@@ -325,6 +329,9 @@ impl Filters {
         {
             return false;
         }
+        if self.error_is.as_deref().is_some_and(|e| e != letter.error) {
+            return false;
+        }
         if self.id.as_deref().is_some_and(|id| id != letter.id) {
             return false;
         }
@@ -333,12 +340,18 @@ impl Filters {
 
     /// Exit status for a command that matched nothing: not found when an id was asked for.
     fn nothing_matched(&self) -> i32 {
-        match &self.id {
-            Some(id) => {
-                eprintln!("error: no dead letter with id {id} matches");
-                EXIT_NOT_FOUND
-            }
-            None => EXIT_OK,
+        if let Some(id) = &self.id {
+            eprintln!("error: no dead letter with id {id} matches");
+        }
+        self.nothing_matched_code()
+    }
+
+    /// [`Filters::nothing_matched`] without the message, for callers that say it their way.
+    fn nothing_matched_code(&self) -> i32 {
+        if self.id.is_some() {
+            EXIT_NOT_FOUND
+        } else {
+            EXIT_OK
         }
     }
 }
@@ -346,7 +359,7 @@ impl Filters {
 /// Parses `--since`/`--before`: RFC 3339, or a duration (`2h`, `30m`, `45s`, `1d`, `1h30m`,
 /// as [`parse_duration`] reads them) meaning that long before now. A bare number is refused:
 /// it is more likely a mistyped time than a number of seconds.
-fn parse_when(text: &str) -> Result<OffsetDateTime, String> {
+pub(crate) fn parse_when(text: &str) -> Result<OffsetDateTime, String> {
     if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(t);
     }
@@ -719,6 +732,15 @@ impl Browse {
         acked
     }
 
+    /// Hands the untouched dead letters back (see [`Browse::finish`]) whatever `result` is;
+    /// returns `result`, or the failure to hand them back when `result` was fine.
+    async fn finish_with<T>(self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let finished = self.finish().await;
+        let value = result?;
+        finished?;
+        Ok(value)
+    }
+
     /// Hands every dead letter the browse holds back in its original order: closes the page
     /// channels one at a time, each once the queue counts the previous page as ready again
     /// (waiting at most [`SETTLE_TIMEOUT`] for each), then closes the connection.
@@ -843,16 +865,36 @@ async fn list_json(
 }
 
 fn letter_json(letter: &DeadLetter) -> Value {
-    json!({
-        "id": letter.id,
-        "routing_key": letter.routing_key,
-        "tenant_id": letter.tenant_id,
-        "kind": letter.kind,
-        "error": letter.error,
-        "attempts": letter.attempts,
-        "message_id": letter.message_id,
-        "failed_at": letter.failed_at,
-    })
+    serde_json::to_value(letter.row()).unwrap_or(Value::Null)
+}
+
+/// One dead letter as `list --json` prints it and the console lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct LetterRow {
+    pub(crate) id: String,
+    pub(crate) routing_key: String,
+    pub(crate) tenant_id: Option<String>,
+    pub(crate) kind: String,
+    pub(crate) error: String,
+    pub(crate) attempts: u32,
+    pub(crate) message_id: Option<String>,
+    /// As the message carries it (RFC 3339).
+    pub(crate) failed_at: Option<String>,
+}
+
+impl DeadLetter {
+    fn row(&self) -> LetterRow {
+        LetterRow {
+            id: self.id.clone(),
+            routing_key: self.routing_key.clone(),
+            tenant_id: self.tenant_id.clone(),
+            kind: self.kind.clone(),
+            error: self.error.clone(),
+            attempts: self.attempts,
+            message_id: self.message_id.clone(),
+            failed_at: self.failed_at.clone(),
+        }
+    }
 }
 
 /// The `list` table, streamed in blocks of [`TABLE_BLOCK`] rows. Returns the number of matches.
@@ -974,13 +1016,55 @@ fn write_row<const N: usize>(
     writeln!(out, "{}", line.trim_end())
 }
 
-/// The matches of one (kind, error) group, for `list --summary`.
-struct Group {
-    /// Position of the group's first dead letter among the matches (ties keep queue order).
-    first: usize,
-    count: usize,
-    oldest: Option<OffsetDateTime>,
-    newest: Option<OffsetDateTime>,
+/// One (kind, error) group of matches, as `list --summary` prints it and the console shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupRow {
+    pub(crate) kind: String,
+    pub(crate) error: String,
+    pub(crate) count: usize,
+    pub(crate) oldest: Option<OffsetDateTime>,
+    pub(crate) newest: Option<OffsetDateTime>,
+}
+
+/// The (kind, error) groups of a browse, built as dead letters arrive: only the counters are
+/// kept, so a summary of a huge queue takes little memory.
+#[derive(Default)]
+struct Groups {
+    /// Each group with the position of its first dead letter among the matches.
+    groups: BTreeMap<(String, String), (usize, GroupRow)>,
+    matched: usize,
+}
+
+impl Groups {
+    fn add(&mut self, letter: &DeadLetter) {
+        let first = self.matched;
+        let (_, g) = self
+            .groups
+            .entry((letter.kind.clone(), letter.error.clone()))
+            .or_insert_with(|| {
+                let row = GroupRow {
+                    kind: letter.kind.clone(),
+                    error: letter.error.clone(),
+                    count: 0,
+                    oldest: None,
+                    newest: None,
+                };
+                (first, row)
+            });
+        g.count += 1;
+        if let Some(t) = letter.failed_at_time {
+            g.oldest = Some(g.oldest.map_or(t, |o| o.min(t)));
+            g.newest = Some(g.newest.map_or(t, |n| n.max(t)));
+        }
+        self.matched += 1;
+    }
+
+    /// Biggest groups first; ties keep queue order.
+    fn into_rows(self) -> Vec<GroupRow> {
+        let mut groups: Vec<(usize, GroupRow)> = self.groups.into_values().collect();
+        groups.sort_by_key(|(first, g)| (std::cmp::Reverse(g.count), *first));
+        groups.into_iter().map(|(_, g)| g).collect()
+    }
 }
 
 /// `list --summary`: only the group counters are kept while browsing. Returns the number of
@@ -990,46 +1074,32 @@ async fn list_summary(
     args: &ListArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<usize> {
-    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
-    let mut matched = 0;
+    let mut groups = Groups::default();
+    let bar = progress::counter("reading dead letters:");
     while let Some(letter) = browse.next_match(&args.filters).await? {
-        let g = groups
-            .entry((letter.kind, letter.error))
-            .or_insert_with(|| Group {
-                first: matched,
-                count: 0,
-                oldest: None,
-                newest: None,
-            });
-        g.count += 1;
-        if let Some(t) = letter.failed_at_time {
-            g.oldest = Some(g.oldest.map_or(t, |o| o.min(t)));
-            g.newest = Some(g.newest.map_or(t, |n| n.max(t)));
-        }
-        matched += 1;
+        groups.add(&letter);
+        bar.inc(1);
     }
-    let mut groups: Vec<((String, String), Group)> = groups.into_iter().collect();
-    // Biggest groups first; ties keep queue order.
-    groups.sort_by_key(|(_, g)| (std::cmp::Reverse(g.count), g.first));
-    write_summary(&groups, matched, args.json, out)?;
+    bar.finish_and_clear();
+    let matched = groups.matched;
+    write_summary(&groups.into_rows(), matched, args.json, out)?;
     Ok(matched)
 }
 
 fn write_summary(
-    groups: &[((String, String), Group)],
+    groups: &[GroupRow],
     matched: usize,
     as_json: bool,
     out: &mut (dyn Write + Send),
 ) -> std::io::Result<()> {
-    let rfc = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
     if as_json {
-        for ((kind, error), g) in groups {
+        for g in groups {
             let line = json!({
-                "kind": kind,
-                "error": error,
+                "kind": g.kind,
+                "error": g.error,
                 "count": g.count,
-                "oldest": rfc(g.oldest),
-                "newest": rfc(g.newest),
+                "oldest": rfc3339(g.oldest),
+                "newest": rfc3339(g.newest),
             });
             writeln!(out, "{line}")?;
         }
@@ -1040,13 +1110,13 @@ fn write_summary(
     }
     let header = ["COUNT", "KIND", "OLDEST", "NEWEST", "ERROR"].map(str::to_owned);
     let mut table = Table::new(header);
-    for ((kind, error), g) in groups {
+    for g in groups {
         let row = [
             g.count.to_string(),
-            kind.clone(),
+            g.kind.clone(),
             g.oldest.map_or_else(|| "-".into(), short_time),
             g.newest.map_or_else(|| "-".into(), short_time),
-            cut(&one_line(error), TABLE_ERROR_CHARS),
+            cut(&one_line(&g.error), TABLE_ERROR_CHARS),
         ];
         table.push(row, out)?;
     }
@@ -1054,8 +1124,13 @@ fn write_summary(
     writeln!(out, "{matched} dead letters in {} groups", groups.len())
 }
 
+/// A time as RFC 3339, if there is one (and it can be formatted).
+pub(crate) fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
+    t.and_then(|t| t.format(&Rfc3339).ok())
+}
+
 /// `2024-05-01T12:00:00Z`: seconds are enough in a table.
-fn short_time(t: OffsetDateTime) -> String {
+pub(crate) fn short_time(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -1089,7 +1164,8 @@ fn printable(text: &str) -> String {
     s
 }
 
-fn cut(text: &str, max: usize) -> String {
+/// `text` cut to `max` characters, with `…` when it was longer.
+pub(crate) fn cut(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_owned();
     }
@@ -1102,27 +1178,60 @@ fn cut(text: &str, max: usize) -> String {
 // show
 
 async fn show(browse: &mut Browse, id: &str, out: &mut (dyn Write + Send)) -> anyhow::Result<i32> {
+    let Some(detail) = find(browse, id).await? else {
+        eprintln!("error: no dead letter with id {id} in {DEAD_LETTER_QUEUE}");
+        return Ok(EXIT_NOT_FOUND);
+    };
+    for (name, value) in &detail.overview {
+        writeln!(out, "{:<16}{}", format!("{name}:"), printable(value))?;
+    }
+    writeln!(out, "properties:")?;
+    for (name, value) in &detail.properties {
+        writeln!(out, "  {name}: {}", printable(value))?;
+    }
+    writeln!(out, "headers:")?;
+    if detail.headers.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for (name, value) in &detail.headers {
+        writeln!(out, "  {}: {}", one_line(name), printable(value))?;
+    }
+    write_body(&detail.body, out)?;
+    Ok(EXIT_OK)
+}
+
+/// One dead letter in full, as `show` prints it and the console shows it. Secret-looking
+/// headers are redacted already; the body is as the message carries it.
+pub(crate) struct Detail {
+    pub(crate) row: LetterRow,
+    /// `(label, value)` lines: what `list` shows, in full, and how the letter was delivered.
+    pub(crate) overview: Vec<(String, String)>,
+    pub(crate) properties: Vec<(&'static str, String)>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+/// The dead letter with this id, in full, if the queue holds it.
+async fn find(browse: &mut Browse, id: &str) -> anyhow::Result<Option<Detail>> {
     let only = Filters {
         id: Some(id.to_owned()),
         ..Default::default()
     };
     let Some(letter) = browse.next_match(&only).await? else {
-        eprintln!("error: no dead letter with id {id} in {DEAD_LETTER_QUEUE}");
-        return Ok(EXIT_NOT_FOUND);
+        return Ok(None);
     };
-    write_overview(&letter, out)?;
     let props = &letter.delivery.properties;
-    writeln!(out, "properties:")?;
-    for (name, value) in property_list(props) {
-        writeln!(out, "  {name}: {}", printable(&value))?;
-    }
-    write_headers(props, out)?;
-    write_body(&letter.delivery.data, out)?;
-    Ok(EXIT_OK)
+    Ok(Some(Detail {
+        row: letter.row(),
+        overview: overview(&letter),
+        properties: property_list(props),
+        headers: header_list(props),
+        body: letter.delivery.data.clone(),
+    }))
 }
 
 /// The first lines of `show`: what `list` shows, in full, and how the letter was delivered.
-fn write_overview(letter: &DeadLetter, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+fn overview(letter: &DeadLetter) -> Vec<(String, String)> {
     let mut lines: Vec<(String, String)> = vec![
         ("id".into(), letter.id.clone()),
         ("kind".into(), letter.kind.clone()),
@@ -1149,30 +1258,28 @@ fn write_overview(letter: &DeadLetter, out: &mut (dyn Write + Send)) -> std::io:
     if let Some(status) = header_u32(&letter.delivery.properties, headers::ISSUER_STATUS) {
         lines.push(("issuer status".into(), status.to_string()));
     }
-    for (name, value) in &lines {
-        writeln!(out, "{:<16}{}", format!("{name}:"), printable(value))?;
-    }
-    Ok(())
+    lines
 }
 
-/// Every header, with secret-looking ones redacted.
-fn write_headers(props: &BasicProperties, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
-    writeln!(out, "headers:")?;
-    let Some(table) = props.headers().as_ref().filter(|t| !t.inner().is_empty()) else {
-        return writeln!(out, "  (none)");
+/// Every header as `(name, shown value)`, with secret-looking ones redacted.
+fn header_list(props: &BasicProperties) -> Vec<(String, String)> {
+    let Some(table) = props.headers().as_ref() else {
+        return Vec::new();
     };
-    for (name, value) in table {
-        let shown = if is_secret_name(name.as_str()) {
-            "<redacted>".to_owned()
-        } else {
-            match amqp_to_json(value) {
-                Value::String(s) => s,
-                other => other.to_string(),
-            }
-        };
-        writeln!(out, "  {}: {}", one_line(name.as_str()), printable(&shown))?;
-    }
-    Ok(())
+    table
+        .into_iter()
+        .map(|(name, value)| {
+            let shown = if is_secret_name(name.as_str()) {
+                "<redacted>".to_owned()
+            } else {
+                match amqp_to_json(value) {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                }
+            };
+            (name.as_str().to_owned(), shown)
+        })
+        .collect()
 }
 
 /// The body as text, or its start as hex when it is not UTF-8.
@@ -1221,7 +1328,7 @@ fn property_list(p: &BasicProperties) -> Vec<(&'static str, String)> {
 }
 
 /// Header names whose values may be credentials; `show` never prints them.
-fn is_secret_name(name: &str) -> bool {
+pub(crate) fn is_secret_name(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     [
         "authorization",
@@ -1286,41 +1393,100 @@ async fn replay(
     if args.dry_run {
         return replay_dry_run(browse, args, out).await;
     }
-    let mut replayer: Option<Replayer> = None;
-    let (mut replayed, mut failed) = (0usize, 0usize);
-    while let Some(letter) = browse.next_match(&args.filters).await? {
-        let r = match &replayer {
-            Some(r) => r,
-            None => replayer.insert(Replayer::open(&browse.conn).await?),
-        };
-        let outcome = match r.republish(&letter).await {
-            Err(reason) => Err(reason),
-            // Only now, with the copy safely confirmed, remove the dead letter.
-            Ok(()) if browse.remove(&letter).await => Ok(()),
-            Ok(()) => Err(
-                "replayed, but the dead letter could not be removed; it is still in the queue"
-                    .to_owned(),
-            ),
-        };
-        match &outcome {
-            Ok(()) => replayed += 1,
-            Err(_) => failed += 1,
-        }
-        write_replay_outcome(&letter, &outcome, args.json, out)?;
-    }
-    if let Some(r) = replayer {
-        r.close().await;
-    }
-    if replayed + failed == 0 {
+    let bar = progress::counter("replaying dead letters:");
+    let each = &mut |l: &DeadLetter, o: &Acted| {
+        bar.inc(1);
+        bar.suspend(|| write_replay_outcome(l, o, args.json, out))
+    };
+    let tally = replay_each(browse, &args.filters, each).await;
+    bar.finish_and_clear();
+    let tally = tally?;
+    if tally.total() == 0 {
         if !args.json {
             writeln!(out, "no dead letters match; nothing to replay")?;
         }
         return Ok(args.filters.nothing_matched());
     }
     if !args.json {
-        writeln!(out, "replayed {replayed}, failed {failed}")?;
+        writeln!(out, "replayed {}, failed {}", tally.done, tally.failed)?;
     }
-    Ok(if failed > 0 { EXIT_FAILURE } else { EXIT_OK })
+    Ok(tally.code(&args.filters))
+}
+
+/// What became of one dead letter that a replay or a purge acted on: `Err` says why it stays.
+pub(crate) type Acted = Result<(), String>;
+
+/// Called with each dead letter a replay or purge acted on, as soon as it did.
+type OnEach<'a> = &'a mut (dyn FnMut(&DeadLetter, &Acted) -> std::io::Result<()> + Send);
+
+/// How many dead letters an action handled.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Tally {
+    /// Replayed (confirmed, then removed) or purged.
+    pub(crate) done: usize,
+    /// Left in the queue because something failed.
+    pub(crate) failed: usize,
+}
+
+impl Tally {
+    fn record(&mut self, outcome: &Acted) {
+        match outcome {
+            Ok(()) => self.done += 1,
+            Err(_) => self.failed += 1,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.done + self.failed
+    }
+
+    /// The exit status of contract §9: 0 done (also when nothing matched), 1 when any failed,
+    /// 3 when an id was asked for and nothing matched.
+    fn code(&self, filters: &Filters) -> i32 {
+        if self.total() == 0 {
+            filters.nothing_matched_code()
+        } else if self.failed > 0 {
+            EXIT_FAILURE
+        } else {
+            EXIT_OK
+        }
+    }
+}
+
+/// Replays every match, each one removed only after its copy is confirmed (the lossless
+/// guarantee of `dlq replay`), telling `on_each` what became of it.
+async fn replay_each(
+    browse: &mut Browse,
+    filters: &Filters,
+    on_each: OnEach<'_>,
+) -> anyhow::Result<Tally> {
+    let mut replayer: Option<Replayer> = None;
+    let mut tally = Tally::default();
+    let result = async {
+        while let Some(letter) = browse.next_match(filters).await? {
+            let r = match &replayer {
+                Some(r) => r,
+                None => replayer.insert(Replayer::open(&browse.conn).await?),
+            };
+            let outcome = match r.republish(&letter).await {
+                Err(reason) => Err(reason),
+                // Only now, with the copy safely confirmed, remove the dead letter.
+                Ok(()) if browse.remove(&letter).await => Ok(()),
+                Ok(()) => Err(
+                    "replayed, but the dead letter could not be removed; it is still in the queue"
+                        .to_owned(),
+                ),
+            };
+            tally.record(&outcome);
+            on_each(&letter, &outcome)?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(r) = replayer {
+        r.close().await;
+    }
+    result.map(|()| tally)
 }
 
 /// `replay --dry-run`: what would be replayed, without publishing or removing anything.
@@ -1525,26 +1691,43 @@ async fn purge(
     args: &PurgeArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<i32> {
-    let (mut purged, mut failed) = (0usize, 0usize);
-    while let Some(letter) = browse.next_match(&args.filters).await? {
-        let removed = browse.remove(&letter).await;
-        if removed {
-            purged += 1;
-        } else {
-            failed += 1;
-        }
-        write_purge_outcome(&letter, removed, args.json, out)?;
-    }
-    if purged + failed == 0 {
+    let bar = progress::counter("purging dead letters:");
+    let each = &mut |l: &DeadLetter, o: &Acted| {
+        bar.inc(1);
+        bar.suspend(|| write_purge_outcome(l, o.is_ok(), args.json, out))
+    };
+    let tally = purge_each(browse, &args.filters, each).await;
+    bar.finish_and_clear();
+    let tally = tally?;
+    if tally.total() == 0 {
         if !args.json {
             writeln!(out, "no dead letters match; nothing to purge")?;
         }
         return Ok(args.filters.nothing_matched());
     }
     if !args.json {
-        writeln!(out, "purged {purged}, failed {failed}")?;
+        writeln!(out, "purged {}, failed {}", tally.done, tally.failed)?;
     }
-    Ok(if failed > 0 { EXIT_FAILURE } else { EXIT_OK })
+    Ok(tally.code(&args.filters))
+}
+
+/// Removes every match for good, telling `on_each` what became of it.
+async fn purge_each(
+    browse: &mut Browse,
+    filters: &Filters,
+    on_each: OnEach<'_>,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::default();
+    while let Some(letter) = browse.next_match(filters).await? {
+        let outcome = if browse.remove(&letter).await {
+            Ok(())
+        } else {
+            Err("could not acknowledge the dead letter; it stays".to_owned())
+        };
+        tally.record(&outcome);
+        on_each(&letter, &outcome)?;
+    }
+    Ok(tally)
 }
 
 fn write_purge_outcome(
@@ -1571,6 +1754,107 @@ fn write_purge_outcome(
     } else {
         writeln!(out, "FAILED {}: could not remove it; it stays", letter.id)
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// the console's entry points: the same browse and the same actions as the commands
+
+/// What a page of the console shows of the queue: the groups of the matches and the first
+/// of them, from one browse.
+pub(crate) struct Survey {
+    pub(crate) groups: Vec<GroupRow>,
+    /// The first matches in queue order (at most the number asked for).
+    pub(crate) rows: Vec<LetterRow>,
+    pub(crate) matched: usize,
+    /// Dead letters in the queue when the browse started.
+    pub(crate) total: u32,
+}
+
+/// Browses the queue once (as `list` does, without disturbing it) for the groups of what
+/// `filters` select and the first `max_rows` of them.
+pub(crate) async fn survey(
+    amqp_url: &str,
+    filters: &Filters,
+    max_rows: usize,
+) -> anyhow::Result<Survey> {
+    let mut browse = Browse::open(amqp_url).await?;
+    let result = async {
+        let mut groups = Groups::default();
+        let mut rows = Vec::new();
+        while let Some(letter) = browse.next_match(filters).await? {
+            groups.add(&letter);
+            if rows.len() < max_rows {
+                rows.push(letter.row());
+            }
+        }
+        anyhow::Ok(Survey {
+            matched: groups.matched,
+            groups: groups.into_rows(),
+            rows,
+            total: browse.count_at_start,
+        })
+    }
+    .await;
+    browse.finish_with(result).await
+}
+
+/// One dead letter in full, as `show` reads it; `None` when the queue does not hold it.
+pub(crate) async fn detail(amqp_url: &str, id: &str) -> anyhow::Result<Option<Detail>> {
+    let mut browse = Browse::open(amqp_url).await?;
+    let result = find(&mut browse, id).await;
+    browse.finish_with(result).await
+}
+
+/// What the console can do to the dead letters a filter selects: what `dlq replay` and
+/// `dlq purge --yes` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Republish to the original routing key, removing each only once its copy is confirmed.
+    Replay,
+    /// Remove for good.
+    Purge,
+}
+
+/// Outcomes an action keeps for its report; the tally counts them all.
+const OUTCOMES_KEPT: usize = 500;
+
+/// What an action did: the tally, the first [`OUTCOMES_KEPT`] outcomes, and the exit status
+/// the command would have had.
+pub(crate) struct ActionReport {
+    pub(crate) tally: Tally,
+    pub(crate) outcomes: Vec<(LetterRow, Acted)>,
+    pub(crate) code: i32,
+}
+
+/// Runs `action` on what `filters` select, exactly as the command does. Like the command, it
+/// refuses to act on everything unless `all` says so.
+pub(crate) async fn act(
+    amqp_url: &str,
+    action: Action,
+    filters: &Filters,
+    all: bool,
+) -> anyhow::Result<ActionReport> {
+    if !all && !filters.selects() {
+        bail!("acting on every dead letter needs an explicit choice of all of them");
+    }
+    let mut browse = Browse::open(amqp_url).await?;
+    let mut outcomes = Vec::new();
+    let each = &mut |l: &DeadLetter, o: &Acted| {
+        if outcomes.len() < OUTCOMES_KEPT {
+            outcomes.push((l.row(), o.clone()));
+        }
+        std::io::Result::Ok(())
+    };
+    let result = match action {
+        Action::Replay => replay_each(&mut browse, filters, each).await,
+        Action::Purge => purge_each(&mut browse, filters, each).await,
+    };
+    let tally = browse.finish_with(result).await?;
+    Ok(ActionReport {
+        code: tally.code(filters),
+        tally,
+        outcomes,
+    })
 }
 
 #[cfg(test)]

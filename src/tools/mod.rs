@@ -2,6 +2,7 @@
 
 pub(crate) mod demo;
 pub mod dlq;
+mod progress;
 pub(crate) mod rekey;
 mod rotate;
 pub mod stub_issuer;
