@@ -252,9 +252,11 @@ async fn console_actions_need_the_token_and_the_consoles_own_origin() {
     let post = |ops: std::net::SocketAddr, origin: &str, token: &'static str| {
         let mut form = form.to_vec();
         form[3].1 = token;
+        let body = serde_urlencoded::to_string(&form).expect("form body");
         http.post(format!("http://{ops}/dlq/act"))
             .header("origin", origin)
-            .form(&form)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
             .timeout(Duration::from_secs(30))
             .send()
     };
