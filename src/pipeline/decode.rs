@@ -118,6 +118,35 @@ pub fn decode(env: &Envelope<'_>, body: &[u8]) -> Result<ProvisionRequest, Decod
     })
 }
 
+/// A delivery the way the worker meets it, without a broker: taken apart at the edge (routing
+/// key, `x-tt-attempts`, `traceparent` and the properties read from the headers), decoded,
+/// and copied with the `x-tt-*` headers a retry or a dead letter adds (the copy must be
+/// publishable whatever came in). Public only for the fuzz target
+/// `fuzz/fuzz_targets/dead_letter_headers.rs`; not an API.
+#[doc(hidden)]
+pub fn decode_delivery(
+    delivery: lapin::message::Delivery,
+) -> (
+    Result<ProvisionRequest, DecodeError>,
+    lapin::BasicProperties,
+) {
+    use crate::broker::message::{cut, text};
+    use crate::broker::topology::headers;
+    let m = crate::broker::inbound::Inbound::from_delivery(delivery);
+    let decoded = decode(&m.envelope(), &m.body);
+    let error = decoded.as_ref().err().map(ToString::to_string);
+    let copy = m.copy_properties(|h| {
+        let attempts = lapin::types::AMQPValue::LongLongInt(i64::from(m.attempts));
+        h.insert(headers::ATTEMPTS.into(), attempts);
+        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(&m.routing_key));
+        h.insert(
+            headers::ERROR.into(),
+            text(cut(error.as_deref().unwrap_or(""), 1024)),
+        );
+    });
+    (decoded, copy)
+}
+
 /// Whether the content type says structured CloudEvents; plain JSON (or none) is not.
 fn is_cloud_event(content_type: Option<&str>) -> Result<bool, DecodeError> {
     let media = content_type.map(|c| {
