@@ -8,7 +8,6 @@
 use lapin::BasicProperties;
 use lapin::protocol::basic::{gen_properties, parse_properties};
 use lapin::types::ShortString;
-use lapin::types::generation::gen_short_string;
 use lapin::types::parsing::parse_short_string;
 use tenant_tokens::domain::{ProvisionRequest, TenantId, Trigger};
 use tenant_tokens::pipeline::decode::{DecodeError, Envelope};
@@ -57,17 +56,6 @@ impl<'a> DecodeInput<'a> {
             content_type: content_type.as_deref(),
             traceparent: traceparent.as_deref(),
         }
-    }
-
-    /// The input's bytes for `envelope`'s fields and `body` (for writing seeds).
-    pub fn join(fields: [Option<&str>; 5], body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for f in fields {
-            out.extend_from_slice(f.unwrap_or("").as_bytes());
-            out.push(b'\n');
-        }
-        out.extend_from_slice(body);
-        out
     }
 }
 
@@ -145,15 +133,6 @@ pub fn parse_delivery(data: &[u8]) -> Option<(String, BasicProperties, &[u8])> {
     let (rest, key) = parse_short_string(data).ok()?;
     let (body, props) = parse_properties(rest).ok()?;
     Some((key.as_str().to_owned(), props, body))
-}
-
-/// The wire bytes [`parse_delivery`] reads (for writing seeds).
-pub fn delivery_bytes(routing_key: &str, props: &BasicProperties, body: &[u8]) -> Vec<u8> {
-    let mut out = cookie_factory::gen_simple(gen_short_string(routing_key), Vec::new())
-        .expect("a short string serialises");
-    out.extend(properties_bytes(props).expect("properties serialise"));
-    out.extend_from_slice(body);
-    out
 }
 
 /// `props` as a content header's property list, or why they cannot be published.
