@@ -115,9 +115,19 @@ impl Worker {
     /// Consumes until shutdown, reconnecting with backoff after broker failures.
     pub async fn run(self) -> anyhow::Result<()> {
         let shutdown = self.ctx.shutdown.clone();
-        let mut delay = Duration::from_millis(200);
+        const FIRST_DELAY: Duration = Duration::from_millis(200);
+        let mut delay = FIRST_DELAY;
         loop {
-            match self.session().await {
+            let ended = match self.open_session().await {
+                // Connected and consuming: the next loss starts the back-off afresh, so a
+                // long-lived process does not wait the longest delay at every failover.
+                Ok(s) => {
+                    delay = FIRST_DELAY;
+                    self.session(s).await
+                }
+                Err(e) => Err(e),
+            };
+            match ended {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.ctx.health.set_broker(false);
@@ -136,9 +146,9 @@ impl Worker {
         }
     }
 
-    /// One connection's life: `Ok` after a clean shutdown, `Err` when the broker failed.
-    async fn session(&self) -> anyhow::Result<()> {
-        let mut s = self.open_session().await?;
+    /// One connection's life once consuming: `Ok` after a clean shutdown, `Err` when the
+    /// broker failed.
+    async fn session(&self, mut s: Session) -> anyhow::Result<()> {
         let revoker_stop = self.ctx.shutdown.child_token();
         tokio::spawn(
             self.revoker

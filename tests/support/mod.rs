@@ -19,6 +19,8 @@ mod issuer;
 #[allow(dead_code)]
 mod private_pg;
 #[allow(dead_code)]
+mod private_rabbit;
+#[allow(dead_code)]
 mod proxy;
 mod services;
 #[allow(dead_code)]
@@ -50,3 +52,8 @@ pub use self::tls_certs::{CertFiles, TestCa};
 /// Private Postgres servers (`private_pg`), for TLS and failover tests.
 #[allow(unused_imports)]
 pub use self::private_pg::PrivatePg;
+
+/// Private RabbitMQ nodes and clusters (`private_rabbit`), for tests that stop or configure a
+/// broker.
+#[allow(unused_imports)]
+pub use self::private_rabbit::{NodeBuilder, RabbitCluster, RabbitNode};
