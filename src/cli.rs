@@ -50,6 +50,9 @@ pub(crate) enum Command {
     StubIssuer(crate::tools::stub_issuer::StubArgs),
     /// The whole flow on this machine with the stub issuer, with progress and a summary.
     Demo(crate::tools::demo::DemoArgs),
+    /// Exit 0 if the worker at OPS_ADDR is ready (alive with --live), else 1: the image's
+    /// HEALTHCHECK, which has no curl to call /readyz with.
+    Healthcheck(crate::tools::healthcheck::HealthcheckArgs),
 }
 
 /// `migrate`.
@@ -175,6 +178,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 1
             })
         }
+        Command::Healthcheck(args) => crate::tools::healthcheck::run(args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub(crate) mod demo;
 pub mod dlq;
+pub(crate) mod healthcheck;
 mod progress;
 pub(crate) mod rekey;
 mod rotate;
