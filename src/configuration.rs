@@ -289,8 +289,7 @@ impl RunArgs {
         if crate::broker::nodes(&self.broker.amqp_url).is_empty() {
             return Err(ConfigError("AMQP_URL names no broker".into()));
         }
-        crate::broker::tls::check(&self.broker.amqp_url)
-            .map_err(|e| ConfigError(e.to_string()))?;
+        crate::broker::tls::check(&self.broker.amqp_url).map_err(|e| ConfigError(e.to_string()))?;
         if self.retry_delays.0.is_empty() {
             return Err(ConfigError("RETRY_DELAYS needs at least one delay".into()));
         }

@@ -25,8 +25,8 @@ use crate::broker::inbound::Inbound;
 use crate::broker::message::{cut, text};
 use crate::broker::publisher::{PublishError, Publisher};
 use crate::broker::topology::{self, headers};
-use crate::domain::{ProvisionRequest, ReadyEvent, now_rfc3339};
 use crate::crypto::CryptoError;
+use crate::domain::{ProvisionRequest, ReadyEvent, now_rfc3339};
 use crate::issuer::IssuerError;
 use crate::ops::health::Health;
 use crate::telemetry::metric;
@@ -93,8 +93,8 @@ impl Fate {
     fn error(&self) -> String {
         match self {
             Self::Provisioned(Outcome::Failed(e)) => e.to_string(),
-            Self::Provisioned(Outcome::Gone { deleted_at }) => format!(
             Self::Provisioned(Outcome::Undecryptable(e)) => e.to_string(),
+            Self::Provisioned(Outcome::Gone { deleted_at }) => format!(
                 "the tenant was deleted at {}; tenant ids are never reused",
                 crate::domain::rfc3339(*deleted_at)
             ),
@@ -312,6 +312,7 @@ async fn publish_ready(publisher: &Publisher, m: &Inbound, req: &ProvisionReques
                     props,
                     false,
                 )
+                .instrument(span)
                 .await
         }
         Err(error) => Err(PublishError::Encode(error.to_string())),
