@@ -18,6 +18,9 @@ use serde_json::{Value, json};
 use support::{Collector, Producer, Received, TestEnv, stub_issuer, tenant};
 use tenant_tokens::pipeline::decode::{Envelope, decode};
 
+/// A named way to break a valid message.
+type Breakage = fn(&mut Value);
+
 const WAIT: Duration = Duration::from_secs(30);
 
 fn repo_path(rel: &str) -> PathBuf {
@@ -290,7 +293,7 @@ fn the_schemas_refuse_what_the_contract_forbids() {
     assert!(s.accepts("TenantCreated", Part::Payload, &created));
 
     let ready = fixture("tenant.token.ready.json");
-    let broken_ready: [(&str, fn(&mut Value)); 6] = [
+    let broken_ready: [(&str, Breakage); 6] = [
         ("no event_id", |e| {
             if let Some(o) = e.as_object_mut() {
                 o.remove("event_id");

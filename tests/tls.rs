@@ -359,7 +359,8 @@ async fn the_worker_and_the_commands_speak_amqps_with_a_private_ca_and_a_client_
         .ctl_json(&["list_connections", "ssl", "peer_cert_subject"])
         .await;
     let connections = connections.as_array().expect("a list of connections");
-    assert!(connections.len() >= 3, "{connections:?}");
+    // The worker's and the test's own (producer and collector).
+    assert!(connections.len() >= 2, "{connections:?}");
     for c in connections {
         assert_eq!(c["ssl"], true, "{c}");
         let subject = c["peer_cert_subject"].as_str().unwrap_or_default();

@@ -10,6 +10,6 @@ pub(crate) mod disposition;
 pub(crate) mod handle;
 mod lifecycle;
 pub mod provision;
-mod trace;
 pub(crate) mod revoker;
+mod trace;
 pub mod worker;

@@ -166,6 +166,9 @@ fn find_chromium() -> String {
 async fn connect(port: u16, caps: serde_json::Map<String, serde_json::Value>) -> Client {
     let deadline = Instant::now() + PATIENCE;
     let url = format!("http://127.0.0.1:{port}");
+    // Two rustls back-ends are linked (aws-lc-rs and ring, by different dependencies), so
+    // rustls cannot pick one for fantoccini's client on its own.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     loop {
         let mut builder = ClientBuilder::rustls().expect("TLS roots for the WebDriver client");
         match builder.capabilities(caps.clone()).connect(&url).await {

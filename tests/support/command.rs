@@ -20,7 +20,7 @@ pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> CommandOutput {
     cmd.args(args)
         .env_clear()
         .envs(env.iter().copied())
-        .env("LOG_FORMAT", "text")
+        .env("LOG_FORMAT", "pretty")
         .env("RUST_LOG", "warn");
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await

@@ -267,7 +267,10 @@ fn page(status: StatusCode, body: Markup) -> Response {
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not `no-referrer`: under it a browser sends `Origin: null` with the console's own
+        // form posts, which the cross-site check must then refuse. `same-origin` still keeps
+        // the console's URLs (filters, ids) from other sites.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ];
     for (name, value) in set {
