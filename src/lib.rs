@@ -16,13 +16,15 @@
 //!   the adapters.
 //! - Adapters, one per outside system: [`store`] (Postgres), [`issuer`] (the webtask HTTP
 //!   API), [`crypto`] (AES-256-GCM), [`broker`] (RabbitMQ topology, message headers,
-//!   confirmed publishing).
+//!   confirmed publishing, TLS).
 //! - The process around them: [`configuration`] (flags and environment), [`telemetry`]
-//!   (logs, metrics, redaction), [`ops`] (`/healthz`, `/readyz`, `/metrics`), [`shutdown`]
+//!   (logs, metrics, redaction, OTLP traces), [`ops`] (`/healthz`, `/readyz`, `/metrics`, and
+//!   the dead-letter console `/dlq`, which drives the `dlq` commands' code), [`shutdown`]
 //!   (signals), [`cli`] (the command line).
-//! - [`tools`]: the dead-letter console, the demo, the stub issuer and the `token` commands —
-//!   users of the library, not part of the worker. The benchmark is a workspace member of
-//!   its own (`bench/`).
+//! - [`tools`]: the `dlq` commands, the demo, the stub issuer, the `token` commands, `rekey`
+//!   and `healthcheck` — users of the library, not part of the worker. The benchmark is a
+//!   workspace member of its own (`bench/`), the fuzz targets another (`fuzz/`, outside the
+//!   workspace).
 
 pub mod broker;
 pub mod cli;
