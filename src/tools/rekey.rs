@@ -317,9 +317,11 @@ fn write(text: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("writing output: {e}"))
 }
 
-/// Progress on stderr: a line rewritten in place on a terminal, a line every few seconds
-/// otherwise (logs of a job).
+/// Progress on stderr: the commands' progress bar ([`super::progress`]) on a terminal, a
+/// plain line every few seconds otherwise (the log of a Kubernetes Job, where the bar hides
+/// itself).
 struct Progress {
+    bar: indicatif::ProgressBar,
     total: u64,
     done: u64,
     tty: bool,
@@ -331,6 +333,7 @@ impl Progress {
 
     fn new(total: u64) -> Self {
         Self {
+            bar: super::progress::bar(total, "rekeyed"),
             total,
             done: 0,
             tty: std::io::stderr().is_terminal(),
@@ -340,27 +343,18 @@ impl Progress {
 
     fn advance(&mut self, n: u64, holder: Holder) {
         self.done += n;
-        if !self.tty && self.last.elapsed() < Self::EVERY {
+        let total = self.total.max(self.done);
+        self.bar.set_length(total);
+        self.bar.set_position(self.done);
+        self.bar.set_message(format!("({} tokens)", holder.label()));
+        if self.tty || self.last.elapsed() < Self::EVERY {
             return;
         }
         self.last = Instant::now();
-        let line = format!(
-            "rekeyed {}/{} ({} tokens)",
-            self.done,
-            self.total.max(self.done),
-            holder.label()
-        );
-        let mut err = std::io::stderr().lock();
-        let _ = if self.tty {
-            write!(err, "\r{line}\x1b[K")
-        } else {
-            writeln!(err, "{line}")
-        };
+        eprintln!("rekeyed {}/{total} ({} tokens)", self.done, holder.label());
     }
 
     fn finish(&self) {
-        if self.tty && self.done > 0 {
-            eprintln!();
-        }
+        self.bar.finish();
     }
 }
