@@ -150,6 +150,7 @@ async fn workers_fail_over_when_the_node_with_their_connections_and_the_queue_le
         "a new leader took over the requests queue: {leader:?}"
     );
 
+    let cost = replica_cost(&env, &cluster.nodes[c]).await;
     let received = events.all();
     let found = audit(&env, &received, &tenants).await;
     let stats = stub.stats();
@@ -164,6 +165,7 @@ async fn workers_fail_over_when_the_node_with_their_connections_and_the_queue_le
         "nothing was dead-lettered"
     );
     let deliveries = deliveries(&workers).await;
+    eprintln!("{cost}");
     eprintln!(
         "cluster failover: {TENANTS} tenants, {answered_at_kill} answered when node a died; \
          workers ready again {back:?} after the kill ({on_b} of 2 on b, the next node); all answered {drained:?} after it; \
@@ -273,4 +275,70 @@ async fn deliveries(workers: &[ChildWorker]) -> u64 {
             .sum::<u64>();
     }
     total
+}
+
+/// What the two workers cost the broker and Postgres once they have drained the load
+/// (docs/deploy.md, "Scaling"): per worker one connection and its channels, the prefetch
+/// of its consumer (the requests it may hold unacknowledged), and the Postgres connections its
+/// pool kept open (idle ones stay for minutes, so this is the peak of the run). Checked
+/// against the documented bounds (`CONCURRENCY` 128 and `DB_POOL_SIZE + 1` = 9 at the
+/// defaults) and returned as a line to print.
+async fn replica_cost(env: &TestEnv, node: &RabbitNode) -> String {
+    let rows = node
+        .ctl_json(&["list_connections", "pid", "client_properties", "channels"])
+        .await;
+    let workers: Vec<&serde_json::Value> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| support::connection_name(&r["client_properties"]) == WORKER_CONNECTION)
+        .collect();
+    let channels: Vec<u64> = workers
+        .iter()
+        .filter_map(|r| r["channels"].as_u64())
+        .collect();
+    // Channels rather than `list_consumers`: the queue keeps the consumers of the dead node's
+    // connections (suspected down) until that node returns.
+    let listed = node
+        .ctl_json(&[
+            "list_channels",
+            "connection",
+            "consumer_count",
+            "prefetch_count",
+        ])
+        .await;
+    let prefetch: Vec<u64> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|ch| workers.iter().any(|w| w["pid"] == ch["connection"]))
+        .filter(|ch| ch["consumer_count"].as_u64() > Some(0))
+        .filter_map(|ch| ch["prefetch_count"].as_u64())
+        .collect();
+    let mut db = env.db().await;
+    let pg: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'tenant-tokens'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("pg_stat_activity");
+    assert_eq!(
+        channels.len(),
+        2,
+        "one broker connection per worker: {channels:?}"
+    );
+    assert_eq!(
+        prefetch,
+        [128, 128],
+        "one consumer per worker, prefetch CONCURRENCY"
+    );
+    assert!(
+        (1..=2 * 9).contains(&pg),
+        "at most DB_POOL_SIZE + 1 Postgres connections per worker: {pg}"
+    );
+    format!(
+        "replica cost (2 workers, defaults, after {TENANTS} tenants): 1 broker connection each \
+         with {channels:?} channels; consumer prefetch {prefetch:?}; {pg} Postgres connections in all"
+    )
 }

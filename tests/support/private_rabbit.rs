@@ -420,7 +420,7 @@ impl Drop for RabbitNode {
 
 /// The `connection_name` a client gave, from `client_properties` as rabbitmqctl prints it
 /// in JSON (a list of `[key, type, value]` triples, or an object).
-fn connection_name(props: &serde_json::Value) -> String {
+pub fn connection_name(props: &serde_json::Value) -> String {
     let from_list = props.as_array().and_then(|items| {
         items.iter().find_map(|i| {
             let i = i.as_array()?;
