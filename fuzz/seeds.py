@@ -31,6 +31,9 @@ c('lone-surrogate',b'{"tenant_id":"a","tenant_name":"\\ud800"}')
 c('duplicate-keys',b'{"tenant_id":"first","tenant_id":"second","tenant_name":"x","tenant_name":null}')
 c('nul-in-name',b'{"tenant_id":"a","tenant_name":"x\\u0000y"}')
 c('not-an-object',b'["tenant_id","acme-42"]'); c('empty',b'')
+# Found by fuzzing: a body that spells the start of the decoder's own message (a false leak).
+c('body-spells-the-error',b'body is not valid J')
+c('digits-only',b'123456789012345')
 for i,ct in enumerate(["Application/JSON; charset=utf-8","text/plain","application/cloudevents-batch+json",";"," application/cloudevents+json ; charset=utf-8","application/json\0"]):
     w('decode','content-type-%d'%i,dj(['tenant.created',ct,None,None,None],fx('tenant.created.cloudevents.json')))
 w('decode','cloudevent-wrong-type',dj(['tenant.deleted',CE,None,None,None],b'{"specversion":"1.0","type":"tenant.created","id":"1","data":{"tenant_id":"a"}}'))

@@ -14,6 +14,8 @@ fuzz_target!(|data: &[u8]| {
     let env = input.envelope();
     match decode(&env, input.body) {
         Ok(request) => check_accepted(&env, &request),
-        Err(e) => check_refused(input.body, &e),
+        Err(e) => check_refused(input.body, &e, |other| {
+            decode(&env, other).err().map(|e| e.to_string())
+        }),
     }
 });
