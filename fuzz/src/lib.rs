@@ -112,11 +112,7 @@ pub fn check_accepted(env: &Envelope<'_>, r: &ProvisionRequest) {
 /// letters' case flipped must show up flipped in the error of `redecode`. (Without that, a
 /// body that spells out part of a fixed message, as the fuzzer found with the body
 /// `body is not valid J`, would count as leaked.)
-pub fn check_refused(
-    body: &[u8],
-    e: &DecodeError,
-    redecode: impl FnOnce(&[u8]) -> Option<String>,
-) {
+pub fn check_refused(body: &[u8], e: &DecodeError, redecode: impl FnOnce(&[u8]) -> Option<String>) {
     let text = e.to_string();
     assert!(
         text.chars().count() <= 1024,
