@@ -284,14 +284,12 @@ async fn deliveries(workers: &[ChildWorker]) -> u64 {
 /// against the documented bounds (`CONCURRENCY` 128 and `DB_POOL_SIZE + 1` = 9 at the
 /// defaults) and returned as a line to print.
 async fn replica_cost(env: &TestEnv, node: &RabbitNode) -> String {
-    let rows = node
-        .ctl_json(&["list_connections", "pid", "client_properties", "channels"])
-        .await;
-    let workers: Vec<&serde_json::Value> = rows
-        .as_array()
+    let workers: Vec<serde_json::Value> = node
+        .connection_rows(&["pid", "channels"])
+        .await
         .into_iter()
-        .flatten()
-        .filter(|r| support::connection_name(&r["client_properties"]) == WORKER_CONNECTION)
+        .filter(|(name, _)| name == WORKER_CONNECTION)
+        .map(|(_, row)| row)
         .collect();
     let channels: Vec<u64> = workers
         .iter()

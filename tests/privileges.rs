@@ -267,26 +267,17 @@ async fn the_worker_and_dlq_run_with_exactly_the_documented_grants_and_permissio
     // Rotation with revocation at once, then deletion: the revoker and its events. The
     // deletion waits for the rotation's revocation: batches in flight at once are competing
     // consumers, and a deletion handled first would leave the rotation `gone`.
-    let revoked_of_ok = || {
-        revoked
-            .all()
-            .iter()
-            .filter(|r| r.json()["tenant_id"] == ok.as_str())
-            .count()
-    };
     let wait_revoked = |n: usize, what: &'static str| {
-        let worker = &worker;
+        let (revoked, ok) = (&revoked, &ok);
         async move {
-            let deadline = std::time::Instant::now() + WAIT;
-            while revoked_of_ok() < n {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "timed out waiting for the revoked event of the {what}; have {}:\n{}",
-                    revoked_of_ok(),
-                    worker.log_tail()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            revoked
+                .wait_until(&format!("the revoked event of the {what}"), WAIT, |all| {
+                    all.iter()
+                        .filter(|r| r.json()["tenant_id"] == ok.as_str())
+                        .count()
+                        >= n
+                })
+                .await;
         }
     };
     producer

@@ -56,4 +56,4 @@ pub use self::private_pg::PrivatePg;
 /// Private RabbitMQ nodes and clusters (`private_rabbit`), for tests that stop or configure a
 /// broker.
 #[allow(unused_imports)]
-pub use self::private_rabbit::{NodeBuilder, RabbitCluster, RabbitNode, connection_name};
+pub use self::private_rabbit::{NodeBuilder, RabbitCluster, RabbitNode};

@@ -362,15 +362,22 @@ impl RabbitNode {
     /// Connections of the cluster this node belongs to, as `(client-given connection name,
     /// server port)`: the port tells which node a client is connected to.
     pub async fn connections(&self) -> Vec<(String, u16)> {
-        let rows = self
-            .ctl_json(&["list_connections", "client_properties", "port"])
-            .await;
+        self.connection_rows(&["port"])
+            .await
+            .into_iter()
+            .filter_map(|(name, r)| Some((name, u16::try_from(r["port"].as_u64()?).ok()?)))
+            .collect()
+    }
+
+    /// Connections of the cluster, as `(client-given connection name, row)`, where the row
+    /// holds the `list_connections` `columns` asked for.
+    pub async fn connection_rows(&self, columns: &[&str]) -> Vec<(String, serde_json::Value)> {
+        let mut args = vec!["list_connections", "client_properties"];
+        args.extend_from_slice(columns);
+        let rows = self.ctl_json(&args).await;
         let rows = rows.as_array().cloned().unwrap_or_default();
-        rows.iter()
-            .filter_map(|r| {
-                let port = u16::try_from(r["port"].as_u64()?).ok()?;
-                Some((connection_name(&r["client_properties"]), port))
-            })
+        rows.into_iter()
+            .map(|r| (connection_name(&r["client_properties"]), r))
             .collect()
     }
 
@@ -420,7 +427,7 @@ impl Drop for RabbitNode {
 
 /// The `connection_name` a client gave, from `client_properties` as rabbitmqctl prints it
 /// in JSON (a list of `[key, type, value]` triples, or an object).
-pub fn connection_name(props: &serde_json::Value) -> String {
+fn connection_name(props: &serde_json::Value) -> String {
     let from_list = props.as_array().and_then(|items| {
         items.iter().find_map(|i| {
             let i = i.as_array()?;
