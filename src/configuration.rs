@@ -180,9 +180,6 @@ pub struct RunArgs {
     /// Delays of the retry queues, growing (the last one repeats).
     #[arg(long, env = "RETRY_DELAYS", default_value = "1s,5s,30s,2m,10m", value_parser = parse_delays)]
     pub retry_delays: Delays,
-    /// How long handled requests are remembered (redeliveries within it repeat their event).
-    #[arg(long, env = "REQUEST_RETENTION", default_value = "30d", value_parser = parse_duration)]
-    pub request_retention: Duration,
     /// How long in-flight work may take to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -231,8 +228,6 @@ pub struct Settings {
     pub retry_delays: Vec<Duration>,
     /// Shutdown grace.
     pub shutdown_grace: Duration,
-    /// How long handled requests are kept.
-    pub request_retention: Duration,
     /// Ops endpoint address.
     pub ops_addr: SocketAddr,
     /// `OPS_TOKEN`: what the console's actions need; none means a read-only console.
@@ -315,7 +310,6 @@ impl RunArgs {
             max_attempts: self.max_attempts,
             retry_delays: self.retry_delays.0,
             shutdown_grace: self.shutdown_grace,
-            request_retention: self.request_retention,
             ops_addr: self.ops_addr,
             ops_token: secret_value(
                 self.ops_token.as_ref().map(SecretArg::expose),

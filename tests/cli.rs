@@ -179,7 +179,7 @@ async fn migrate_creates_the_database_and_declares_the_topology_twice_over() {
     .fetch_all(&mut db)
     .await
     .expect("tables");
-    for t in ["issued_tokens", "requests", "tenants"] {
+    for t in ["issued_tokens", "revocations", "tenants"] {
         assert!(tables.iter().any(|x| x == t), "{t} in {tables:?}");
     }
     drop(db);

@@ -7,7 +7,6 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
-use sqlx::Connection as _;
 use support::{Collector, Producer, TestEnv, fake_jwt, tenant};
 use wiremock::{MockServer, Request};
 
@@ -260,13 +259,15 @@ async fn event_include_token_puts_the_same_token_into_every_event() {
     let fp = hex::encode(&sha2::Sha256::digest(token.as_bytes())[..8]);
     assert_eq!(first["token_fingerprint"], fp.as_str());
     let mut db = env.db().await;
-    let stored: String = sqlx::query_scalar("SELECT string_agg(event, '|') FROM requests")
-        .fetch_one(&mut db)
-        .await
-        .expect("events");
+    let stored: String = sqlx::query_scalar(
+        "SELECT string_agg((to_jsonb(t) - 'token_ciphertext')::text, '|') FROM tenants t",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("tenant rows");
     assert!(
         !stored.contains(token),
-        "recorded events never hold the token"
+        "the tenant's row holds the token only sealed"
     );
 
     worker.stop().await;
@@ -673,8 +674,34 @@ async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
     env.cleanup().await;
 }
 
+/// Rows of every table and the tenant row's version (`xmin`): what a write would change.
+async fn storage_footprint(env: &TestEnv, t: &str) -> (Vec<(String, i64)>, String) {
+    let mut db = env.db().await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("tables");
+    let mut counts = Vec::new();
+    for table in tables {
+        let n: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&mut db)
+                .await
+                .expect("count");
+        counts.push((table, n));
+    }
+    let xmin: String = sqlx::query_scalar("SELECT xmin::text FROM tenants WHERE tenant_id = $1")
+        .bind(t)
+        .fetch_one(&mut db)
+        .await
+        .expect("tenant row");
+    (counts, xmin)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handled_requests_are_forgotten_after_their_retention() {
+async fn already_provisioned_requests_store_nothing() {
     let Setup {
         env,
         issuer,
@@ -682,42 +709,105 @@ async fn handled_requests_are_forgotten_after_their_retention() {
         worker,
         producer,
     } = Setup::new().await;
-    let t = tenant("old");
+    let t = tenant("nowrite");
     producer
-        .request("tenant.created", json!({"tenant_id": t}), Some("old-1"))
+        .request("tenant.created", json!({"tenant_id": t}), Some("c1"))
         .await;
     let first = events.wait_for(1, WAIT).await[0].json();
-    worker.stop().await;
+    let before = storage_footprint(&env, &t).await;
 
-    let mut db = env.db().await;
-    sqlx::query("UPDATE requests SET handled_at = now() - interval '31 days'")
-        .execute(&mut db)
-        .await
-        .expect("age the request");
-    // A new worker prunes at start-up (REQUEST_RETENTION defaults to 30 days).
-    let worker = env.start_worker(&issuer.uri(), &[]).await;
-    support::eventually("the old request to be pruned", WAIT, || {
-        let url = env.database_url.clone();
-        async move {
-            let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
-                .fetch_one(&mut db)
-                .await
-                .expect("count");
-            n == 0
-        }
-    })
-    .await;
-
-    // A very late redelivery is handled again: same event id, answered from Postgres.
-    producer
-        .request("tenant.created", json!({"tenant_id": t}), Some("old-1"))
-        .await;
-    let again = events.wait_for(2, WAIT).await[1].json();
-    assert_eq!(again["event_id"], first["event_id"]);
-    assert_eq!(again["newly_issued"], false);
-    assert_eq!(again["token_fingerprint"], first["token_fingerprint"]);
+    let lazy: Vec<_> = (0..20)
+        .map(|i| {
+            let body = json!({"tenant_id": t, "extension_id": format!("ext-{i}")});
+            ("extension.requested".to_owned(), body, format!("e{i}"))
+        })
+        .collect();
+    producer.requests(lazy).await;
+    let got = events.wait_for(21, WAIT).await;
+    for e in &got[1..] {
+        let e = e.json();
+        assert_eq!(e["newly_issued"], false, "{e}");
+        assert_eq!(e["token_fingerprint"], first["token_fingerprint"]);
+    }
+    assert_eq!(
+        storage_footprint(&env, &t).await,
+        before,
+        "twenty handled requests added no row and changed none"
+    );
     assert_eq!(issue_calls(&issuer).await.len(), 1);
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// The `n`th ready event (0 for the first) of the request with identity `id`.
+fn of_request(got: &[support::Received], id: &str, n: usize) -> serde_json::Value {
+    got.iter()
+        .map(support::Received::json)
+        .filter(|e| e["correlation_id"] == id)
+        .nth(n)
+        .unwrap_or_else(|| panic!("event {n} of request {id} in {} events", got.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuing_request_reports_newly_issued_on_every_redelivery_even_after_a_rotation() {
+    let Setup {
+        env,
+        issuer,
+        events,
+        worker,
+        producer,
+    } = Setup::new().await;
+    let t = tenant("issuer-of-record");
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("c1"))
+        .await;
+    let first = events.wait_for(1, WAIT).await[0].json();
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("c2"))
+        .await;
+    producer
+        .request("tenant.token.rotate", json!({"tenant_id": t}), Some("r1"))
+        .await;
+    let rotated = of_request(&events.wait_for(3, WAIT).await, "r1", 0);
+    assert_eq!(rotated["newly_issued"], true);
+    assert_eq!(rotated["generation"], 2);
+
+    // Redeliveries of the first token's request, of the other request and of the rotation.
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("c1"))
+        .await;
+    producer
+        .request("tenant.created", json!({"tenant_id": t}), Some("c2"))
+        .await;
+    producer
+        .request("tenant.token.rotate", json!({"tenant_id": t}), Some("r1"))
+        .await;
+    let got = events.wait_for(6, WAIT).await;
+    let (c1, c2, r1) = (
+        of_request(&got, "c1", 1),
+        of_request(&got, "c2", 1),
+        of_request(&got, "r1", 1),
+    );
+    assert_eq!(c1["event_id"], first["event_id"]);
+    assert_eq!(c1["newly_issued"], true, "it issued generation 1: {c1}");
+    assert_eq!(c1["rotated"], false);
+    assert_eq!(c2["newly_issued"], false, "{c2}");
+    assert_eq!(r1["event_id"], rotated["event_id"]);
+    assert_eq!(r1["newly_issued"], true);
+    assert_eq!(r1["rotated"], true);
+    assert_eq!(r1["token_fingerprint"], rotated["token_fingerprint"]);
+    for e in [&c1, &c2, &r1] {
+        assert_eq!(
+            e["generation"], 2,
+            "every event describes the token as stored: {e}"
+        );
+    }
+    assert_eq!(
+        issue_calls(&issuer).await.len(),
+        2,
+        "one token, one rotation"
+    );
 
     worker.stop().await;
     env.cleanup().await;

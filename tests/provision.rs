@@ -234,3 +234,71 @@ async fn a_tenant_name_with_nul_characters_is_stored_without_them() {
     assert_eq!(name.0.as_deref(), Some("Acme"));
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_from_recorded_requests_keeps_which_request_issued_each_token() {
+    let env = TestEnv::new().await;
+    // The schema before issue 11: handled requests recorded with their events.
+    let mut db = env.db().await;
+    sqlx::migrate!("./migrations")
+        .run_to(20261130000003, &mut db)
+        .await
+        .expect("the migrations before the upgrade");
+    let t = tenant("upgrade");
+    let event = |fp: &str, newly: bool| {
+        json!({"token_fingerprint": fp, "newly_issued": newly, "generation": 1}).to_string()
+    };
+    for statement in [
+        "INSERT INTO tenants (tenant_id, container, token_ciphertext, key_id, token_fingerprint,
+                              issued_at, generation)
+         VALUES ($1, $1, '\\x00', 'k', 'fp-2', now(), 2)",
+        "INSERT INTO revocations (token_fingerprint, tenant_id, container, generation,
+                                  token_ciphertext, key_id, reason, due_at, next_attempt_at)
+         VALUES ('fp-1', $1, $1, 1, '\\x00', 'k', 'rotated', now() + interval '1 day',
+                 now() + interval '1 day')",
+    ] {
+        sqlx::query(statement)
+            .bind(&t)
+            .execute(&mut db)
+            .await
+            .expect("a row of the old schema");
+    }
+    for (id, fp, newly) in [
+        ("up-c1", "fp-1", true),
+        ("up-c2", "fp-1", false),
+        ("up-r1", "fp-2", true),
+    ] {
+        sqlx::query(
+            "INSERT INTO requests (request_id, tenant_id, event_id, event)
+             VALUES ($1, $2, gen_random_uuid(), $3)",
+        )
+        .bind(id)
+        .bind(&t)
+        .bind(event(fp, newly))
+        .execute(&mut db)
+        .await
+        .expect("a recorded request");
+    }
+
+    let issuer = issuer(Duration::ZERO).await;
+    let p = provisioner(&env, &issuer, &[]).await;
+    let batch = [
+        request("up-c1", json!({"tenant_id": t})),
+        request("up-c2", json!({"tenant_id": t})),
+        request("up-r1", json!({"tenant_id": t})),
+    ];
+    let outcomes = p.provision(&batch).await.expect("provisioned");
+
+    let newly: Vec<bool> = outcomes.iter().map(|o| ready(o).newly_issued).collect();
+    assert_eq!(newly, [true, false, true], "as recorded before the upgrade");
+    assert!(ready(&outcomes[2]).rotated, "up-r1 issued generation 2");
+    assert_eq!(issue_calls(&issuer).await, 0);
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename = 'requests'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("tables");
+    assert!(tables.is_empty(), "the requests table is gone");
+    env.cleanup().await;
+}

@@ -17,8 +17,6 @@ GRANT USAGE ON SCHEMA public TO tenant_tokens_runtime;
 GRANT SELECT ON _sqlx_migrations TO tenant_tokens_runtime;
 -- Claims (an upsert that locks the row), stored tokens, rotations and tombstones.
 GRANT SELECT, INSERT, UPDATE ON tenants TO tenant_tokens_runtime;
--- Handled requests and their events; old ones are pruned.
-GRANT SELECT, INSERT, DELETE ON requests TO tenant_tokens_runtime;
 -- The journal of issued tokens: written before storing, erased once stored or swept.
 GRANT SELECT, INSERT, UPDATE ON issued_tokens TO tenant_tokens_runtime;
 GRANT USAGE ON SEQUENCE issued_tokens_id_seq TO tenant_tokens_runtime;

@@ -3,14 +3,14 @@
 //!
 //! A rotation issues generation n+1 with an `Idempotency-Key` of tenant, container and n+1,
 //! journals it (sealed, in case the commit never comes), stores it as current, queues
-//! generation n for revocation after `ROTATION_GRACE` (at once with `now`), and records the
-//! request with its ready event (`newly_issued`, `rotated`, `generation`) in the same commit:
-//! a redelivery finds the recorded event and rotates nothing more.
+//! generation n for revocation after `ROTATION_GRACE` (at once with `now`), and stores the
+//! rotate request as the issuer of generation n+1 in the same commit: a redelivery finds that
+//! it issued a token, reports it (`newly_issued`, `rotated`) and rotates nothing more.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::provision::{Outcome, ProvisionError, Provisioner, parse_event, ready_event, recorded};
+use super::provision::{Outcome, ProvisionError, Provisioner, ready_event};
 use crate::domain::{ContainerName, ProvisionRequest, TenantToken};
 use crate::issuer::IssuerError;
 use crate::store::lifecycle::{self, Deletion, Rotation};
@@ -38,11 +38,11 @@ impl Provisioner {
         r: &ProvisionRequest,
     ) -> Result<Option<Outcome>, ProvisionError> {
         let id = r.identity.as_str();
-        if let Some(event) = self.recorded_event(conn, r).await? {
+        if let Some(event) = self.rotated_before(conn, r).await? {
             return Ok(Some(event));
         }
         let mut tx = sqlx::Connection::begin(conn).await?;
-        let locked = lifecycle::lock_tenant(&mut tx, r.tenant_id.as_str()).await?;
+        let locked = lifecycle::lock_tenant(&mut tx, r.tenant_id.as_str(), id).await?;
         let Some((row, now)) =
             locked.filter(|(row, _)| row.token.is_some() || row.deleted_at.is_some())
         else {
@@ -52,8 +52,8 @@ impl Provisioner {
             return Ok(Some(Outcome::Gone { deleted_at }));
         }
         // Another worker may have rotated for this very request while this one waited.
-        if let Some(event) = self.recorded_event(&mut tx, r).await? {
-            return Ok(Some(event));
+        if let Some(outcome) = self.issued_event(r, &row) {
+            return Ok(Some(outcome));
         }
         let (token, new, next) = match self.issue_next(r, &row, now).await? {
             Ok(issued) => issued,
@@ -64,8 +64,7 @@ impl Provisioner {
             .token
             .as_ref()
             .ok_or_else(|| ProvisionError::Invariant("a rotated tenant has no token".into()))?;
-        let mut event = ready_event(r, &next, stored, true, true);
-        let request = recorded(r, &event)?;
+        let mut event = ready_event(r, &next, stored);
         let grace = if r.rotate_now {
             Duration::ZERO
         } else {
@@ -75,7 +74,6 @@ impl Provisioner {
             current: &row,
             new: &new,
             grace,
-            request: &request,
         };
         lifecycle::rotate(&mut tx, &rotation).await?;
         tx.commit().await?;
@@ -116,6 +114,7 @@ impl Provisioner {
             sealed: self.cipher.seal(&r.tenant_id, &token),
             fingerprint: token.fingerprint().as_str().to_owned(),
             jti: token.jti(),
+            issued_by: r.identity.as_str().to_owned(),
         };
         let next = next_generation(row, &new, now);
         let journaled = HashMap::from([(next.tenant_id.clone(), next.clone())]);
@@ -145,29 +144,39 @@ impl Provisioner {
             .ok_or_else(|| ProvisionError::Invariant("no outcome for a rotation".into()))
     }
 
-    /// The event recorded for this request, if it was handled before (with the token, under
-    /// `EVENT_INCLUDE_TOKEN`).
-    async fn recorded_event(
+    /// The event of a rotate request that was handled before (it issued one of the tenant's
+    /// tokens), with the token under `EVENT_INCLUDE_TOKEN`; `None` when it was not, or the
+    /// tenant has no token.
+    async fn rotated_before(
         &self,
         conn: &mut sqlx::PgConnection,
         r: &ProvisionRequest,
     ) -> Result<Option<Outcome>, ProvisionError> {
-        let id = r.identity.as_str();
-        let Some(stored) = store::known_requests(conn, &[id.to_owned()])
-            .await?
-            .remove(id)
-        else {
-            return Ok(None);
+        let tenant = r.tenant_id.as_str().to_owned();
+        let id = r.identity.as_str().to_owned();
+        let (tenants, ids) = (std::slice::from_ref(&tenant), std::slice::from_ref(&id));
+        let rows = store::lookup(conn, tenants, ids, self.include_token).await?;
+        Ok(rows.get(&tenant).and_then(|row| self.issued_event(r, row)))
+    }
+
+    /// The event of request `r` if it issued one of the tenant's tokens, which is still
+    /// held (with the token under `EVENT_INCLUDE_TOKEN`).
+    fn issued_event(&self, r: &ProvisionRequest, row: &TenantRow) -> Option<Outcome> {
+        let (Some(token), None, Some(_)) = (
+            row.token.as_ref(),
+            row.deleted_at,
+            row.generation_issued_by(r.identity.as_str()),
+        ) else {
+            return None;
         };
-        let mut event = parse_event(id, &stored)?;
+        let mut event = ready_event(r, row, token);
         if self.include_token {
-            let row = self.store.tenant(r.tenant_id.as_str()).await?;
-            match self.open(r, row.as_ref()) {
+            match self.open(r, Some(row)) {
                 Ok(t) => event.token = t.map(|t| t.expose().to_owned()),
-                Err(e) => return Ok(Some(Outcome::Undecryptable(e))),
+                Err(e) => return Some(Outcome::Undecryptable(e)),
             }
         }
-        Ok(Some(Outcome::Ready(Box::new(event))))
+        Some(Outcome::Ready(Box::new(event)))
     }
 }
 
@@ -181,6 +190,13 @@ fn next_generation(row: &TenantRow, new: &NewToken, now: time::OffsetDateTime) -
             jti: new.jti.clone(),
             sealed: None,
         }),
+        issued_by: Some(new.issued_by.clone()),
+        past_issuers: row
+            .issued_by
+            .iter()
+            .map(|by| (by.clone(), row.generation))
+            .chain(row.past_issuers.iter().cloned())
+            .collect(),
         ..row.clone()
     }
 }

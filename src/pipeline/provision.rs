@@ -2,19 +2,22 @@
 //!
 //! One database transaction serves the whole batch (that is what makes the worker fast):
 //!
-//! 1. requests already handled (a redelivery) get their stored event back, untouched;
-//! 2. tenants with a committed token are answered from Postgres, no issuer call;
-//! 3. the other tenants are claimed (row lock, see [`crate::store`]) and issued a token, all
+//! 1. tenants with a committed token are answered from Postgres, no issuer call;
+//! 2. the other tenants are claimed (row lock, see [`crate::store`]) and issued a token, all
 //!    issue calls of the batch at once; each issued token is journaled at once, outside the
 //!    transaction, so one whose storing never commits can be revoked;
-//! 4. the tokens (encrypted) and every request's ready event are written, and committed
-//!    together — the event is decided in the same transaction as the token, so a crash between
-//!    commit and publish is repaired by the redelivery, which finds and republishes it.
+//! 3. the tokens (encrypted) are stored with the identity of the request that issued each,
+//!    and committed.
 //!
-//! Round trips to Postgres per batch: one read for steps 1 and 2 (recorded requests and
-//! committed tokens never change, so it needs no transaction); when every tenant already has
-//! its token, one more statement records the requests and that is all. Otherwise `BEGIN`, the
-//! claim, one statement that stores the tokens and records the requests, and `COMMIT`.
+//! Nothing is written per request. A request's event follows from its identity and the
+//! tenant's row (contract §7): `event_id` from the identity, `newly_issued` from whether this
+//! request issued one of the tenant's tokens (stored with the token, in the same commit, so a
+//! crash between commit and publish is repaired by the redelivery, which finds it), the rest
+//! from the token as stored.
+//!
+//! Round trips to Postgres per batch: one read when every tenant already has its token (it
+//! needs no transaction), and that is all. Otherwise `BEGIN`, the claim, one statement that
+//! stores the tokens, and `COMMIT`.
 //!
 //! Issuer failures are per request (the rest of the batch goes on); a database failure fails
 //! the whole batch with a [`ProvisionError`] that says whether retrying may help. The handler
@@ -32,9 +35,7 @@ use crate::crypto::{CryptoError, TokenCipher};
 use crate::domain::{ContainerName, NamingStrategy, ProvisionRequest, TenantToken, Trigger};
 use crate::domain::{ReadyEvent, rfc3339};
 use crate::issuer::{IssuerClient, IssuerError};
-use crate::store::{
-    self, IssuedToken, NewRequest, NewToken, Store, StoreError, StoredToken, TenantRow,
-};
+use crate::store::{self, IssuedToken, NewToken, Store, StoreError, StoredToken, TenantRow};
 use crate::telemetry::metric;
 
 /// Why a batch could not be provisioned. Nothing was committed; the messages are untouched.
@@ -43,22 +44,6 @@ pub enum ProvisionError {
     /// Postgres failed; [`StoreError::is_retryable`] says whether it may pass.
     #[error(transparent)]
     Database(#[from] StoreError),
-    /// A stored ready event that no longer parses.
-    #[error("the stored event of request {request} does not parse: {error}")]
-    StoredEvent {
-        /// The request's identity.
-        request: String,
-        /// The parser's complaint.
-        error: serde_json::Error,
-    },
-    /// A ready event that cannot be serialised for storing.
-    #[error("the ready event of request {request} cannot be serialised: {error}")]
-    Serialise {
-        /// The request's identity.
-        request: String,
-        /// The serialiser's complaint.
-        error: serde_json::Error,
-    },
     /// The database did something the engine's invariants exclude.
     #[error("internal: {0}")]
     Invariant(String),
@@ -70,7 +55,7 @@ impl ProvisionError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Database(e) => e.is_retryable(),
-            Self::StoredEvent { .. } | Self::Serialise { .. } | Self::Invariant(_) => false,
+            Self::Invariant(_) => false,
         }
     }
 }
@@ -109,7 +94,8 @@ type Claim = (String, String, Option<String>);
 struct Batch<'a> {
     reqs: &'a [ProvisionRequest],
     first: &'a HashMap<&'a str, &'a ProvisionRequest>,
-    known: &'a HashMap<String, String>,
+    /// The identities of the batch's requests.
+    ids: &'a [String],
 }
 
 /// Ties store, issuer and cipher together.
@@ -188,45 +174,34 @@ impl Provisioner {
         let ids: Vec<String> = unique(reqs.iter().map(|r| r.identity.as_str()));
         let batch_tenants: Vec<String> = unique(reqs.iter().map(|r| r.tenant_id.as_str()));
 
-        // Recorded requests and committed tokens never change, so one read without a
-        // transaction or a lock finds both (for every tenant of the batch: a superset of those
-        // whose requests are new, which costs nothing and saves a round trip).
+        // Committed tokens are read without a transaction or a lock (see `store::lookup`).
         let mut conn = self.store.pool().acquire().await?;
-        let (known, tenants) =
-            store::lookup(&mut conn, &ids, &batch_tenants, self.include_token).await?;
-        let claims = self.claims(reqs, &first, &known, &tenants);
+        let tenants = store::lookup(&mut conn, &batch_tenants, &ids, self.include_token).await?;
+        let claims = self.claims(&first, &batch_tenants, &tenants);
         if claims.is_empty() {
-            // Every tenant has its token: the events follow from what was read, and one
-            // statement (atomic on its own) records the new requests.
-            let (outcomes, new_requests) =
-                decide(reqs, &known, &tenants, &HashMap::new(), &mut HashSet::new())?;
-            let lost_races = store::record_requests(&mut conn, &new_requests).await?;
-            return self.finish(reqs, outcomes, &lost_races, &HashMap::new(), &tenants);
+            // Every tenant has its token (or is gone): the events follow from what was read.
+            drop(conn);
+            let outcomes = decide(reqs, &tenants, &HashMap::new())?;
+            return Ok(self.finish(reqs, outcomes, &HashMap::new(), &tenants));
         }
         let batch = Batch {
             reqs,
             first: &first,
-            known: &known,
+            ids: &ids,
         };
         self.issue_and_store(&mut conn, &batch, tenants, &claims)
             .await
     }
 
-    /// The tenants to claim: those with a new request (every one with `EVENT_INCLUDE_TOKEN`,
-    /// which needs the token) and no committed token, each with its proposed container.
+    /// The tenants to claim: those without a committed token (nor a tombstone), each with its
+    /// proposed container.
     fn claims(
         &self,
-        reqs: &[ProvisionRequest],
         first: &HashMap<&str, &ProvisionRequest>,
-        known: &HashMap<String, String>,
+        batch_tenants: &[String],
         tenants: &HashMap<String, TenantRow>,
     ) -> Vec<Claim> {
-        let wanted: Vec<String> = unique(
-            reqs.iter()
-                .filter(|r| self.include_token || !known.contains_key(r.identity.as_str()))
-                .map(|r| r.tenant_id.as_str()),
-        );
-        wanted
+        batch_tenants
             .iter()
             .filter(|t| !tenants.contains_key(t.as_str()))
             .filter_map(|t| first.get(t.as_str()))
@@ -252,28 +227,26 @@ impl Provisioner {
         claims: &[Claim],
     ) -> Result<Vec<Outcome>, ProvisionError> {
         let mut tx = sqlx::Connection::begin(conn).await?;
-        let (claimed, now) = store::claim(&mut tx, claims, self.include_token).await?;
+        let (claimed, now) = store::claim(&mut tx, claims, batch.ids, self.include_token).await?;
         for row in claimed {
             tenants.insert(row.tenant_id.clone(), row);
         }
         let (fresh, failures) = self.issue_missing(batch.first, &tenants).await;
-        let (new_tokens, mut newly) = self.seal(batch.first, &fresh, &mut tenants, now);
+        let new_tokens = self.seal(batch.first, &fresh, &mut tenants, now);
         self.journal(&new_tokens, &tenants).await?;
-        let issued = newly.len();
-        let (outcomes, new_requests) =
-            decide(batch.reqs, batch.known, &tenants, &failures, &mut newly)?;
-        let (stored, lost_races) =
-            store::store_and_record(&mut tx, &new_tokens, &new_requests).await?;
-        if stored != issued {
+        let outcomes = decide(batch.reqs, &tenants, &failures)?;
+        let stored = store::store_tokens(&mut tx, &new_tokens).await?;
+        if stored != new_tokens.len() {
             // A claimed row is locked by this transaction, so every token is stored; anything
             // else is a bug: roll back.
             return Err(ProvisionError::Invariant(format!(
-                "stored {stored} of {issued} tokens of claimed tenants"
+                "stored {stored} of {} tokens of claimed tenants",
+                new_tokens.len()
             )));
         }
-        metrics::counter!(metric::TOKENS_ISSUED).increment(issued as u64);
+        metrics::counter!(metric::TOKENS_ISSUED).increment(stored as u64);
         tx.commit().await?;
-        self.finish(batch.reqs, outcomes, &lost_races, &fresh, &tenants)
+        Ok(self.finish(batch.reqs, outcomes, &fresh, &tenants))
     }
 
     /// Journals freshly issued tokens (sealed) in a transaction of their own, before the
@@ -299,64 +272,59 @@ impl Provisioner {
         store::journal_issued(self.store.pool(), &journal).await
     }
 
-    /// Encrypts the fresh tokens for storing and marks their rows as holding them. They are
-    /// stored with `issued_at = now()`, the transaction's start time, which the claim
-    /// returned: so the events can be decided before the statement that stores the tokens,
-    /// and that one statement records the requests too. Returns the tokens to store and the
-    /// tenants they were issued for.
+    /// Encrypts the fresh tokens for storing and marks their rows as holding them, issued by
+    /// the tenant's first request in the batch (the one whose claim it was). They are stored
+    /// with `issued_at = now()`, the transaction's start time, which the claim returned: so
+    /// the events can be decided before the statement that stores the tokens.
     fn seal(
         &self,
         first: &HashMap<&str, &ProvisionRequest>,
         fresh: &HashMap<String, TenantToken>,
         tenants: &mut HashMap<String, TenantRow>,
         now: Option<time::OffsetDateTime>,
-    ) -> (Vec<NewToken>, HashSet<String>) {
+    ) -> Vec<NewToken> {
         let mut new_tokens = Vec::with_capacity(fresh.len());
-        let mut newly = HashSet::with_capacity(fresh.len());
         for (tenant, token) in fresh {
             let (Some(r), Some(row), Some(now)) =
                 (first.get(tenant.as_str()), tenants.get_mut(tenant), now)
             else {
                 continue;
             };
-            let fingerprint = token.fingerprint().as_str().to_owned();
-            new_tokens.push(NewToken {
+            let new = NewToken {
                 tenant_id: tenant.clone(),
                 sealed: self.cipher.seal(&r.tenant_id, token),
-                fingerprint: fingerprint.clone(),
+                fingerprint: token.fingerprint().as_str().to_owned(),
                 jti: token.jti(),
-            });
+                issued_by: r.identity.as_str().to_owned(),
+            };
             row.token = Some(StoredToken {
-                fingerprint,
+                fingerprint: new.fingerprint.clone(),
                 issued_at: now,
-                jti: token.jti(),
+                jti: new.jti.clone(),
                 sealed: None,
             });
-            newly.insert(tenant.clone());
+            row.issued_by = Some(new.issued_by.clone());
+            new_tokens.push(new);
         }
-        (new_tokens, newly)
+        new_tokens
     }
 
-    /// After the requests are recorded: the stored event of a request that a concurrent
-    /// worker recorded first wins, and `EVENT_INCLUDE_TOKEN` puts the token in.
+    /// Under `EVENT_INCLUDE_TOKEN`, puts the token into every ready event: the fresh one, or
+    /// the stored one opened.
     fn finish(
         &self,
         reqs: &[ProvisionRequest],
         mut outcomes: Vec<Outcome>,
-        lost_races: &HashMap<String, String>,
         fresh: &HashMap<String, TenantToken>,
         tenants: &HashMap<String, TenantRow>,
-    ) -> Result<Vec<Outcome>, ProvisionError> {
+    ) -> Vec<Outcome> {
+        if !self.include_token {
+            return outcomes;
+        }
         for (r, outcome) in reqs.iter().zip(outcomes.iter_mut()) {
             let Outcome::Ready(event) = outcome else {
                 continue;
             };
-            if let Some(stored) = lost_races.get(r.identity.as_str()) {
-                **event = parse_event(r.identity.as_str(), stored)?;
-            }
-            if !self.include_token {
-                continue;
-            }
             let token = match fresh.get(&event.tenant_id) {
                 Some(t) => Ok(Some(t.clone())),
                 None => self.open(r, tenants.get(&event.tenant_id)),
@@ -366,7 +334,7 @@ impl Provisioner {
                 Err(e) => *outcome = Outcome::Undecryptable(e),
             }
         }
-        Ok(outcomes)
+        outcomes
     }
 
     /// Issue calls for claimed tenants without a token, all at once.
@@ -433,92 +401,56 @@ impl Provisioner {
     }
 }
 
-/// The outcome of each request, and the requests to record with their events. `newly` holds
-/// the tenants whose token this batch stored; the first request of each says `newly_issued`.
+/// The outcome of each request, from the tenants' rows (with the tokens this batch stores)
+/// and the batch's issuer failures: a pure function of what was read and issued.
 fn decide(
     reqs: &[ProvisionRequest],
-    known: &HashMap<String, String>,
     tenants: &HashMap<String, TenantRow>,
     failures: &HashMap<String, IssuerError>,
-    newly: &mut HashSet<String>,
-) -> Result<(Vec<Outcome>, Vec<NewRequest>), ProvisionError> {
-    let mut outcomes: Vec<Outcome> = Vec::with_capacity(reqs.len());
-    let mut new_requests = Vec::new();
-    let mut decided: HashMap<&str, usize> = HashMap::new();
-    for r in reqs {
-        let id = r.identity.as_str();
-        let tenant = r.tenant_id.as_str();
-        let outcome = if let Some(stored) = known.get(id) {
-            Outcome::Ready(Box::new(parse_event(id, stored)?))
-        } else if let Some(&i) = decided.get(id) {
-            outcomes[i].clone()
-        } else if let Some(at) = tenants.get(tenant).and_then(|row| row.deleted_at) {
-            Outcome::Gone { deleted_at: at }
-        } else if let Some(e) = failures.get(tenant) {
-            Outcome::Failed(e.clone())
-        } else if let Some(row) = tenants.get(tenant)
-            && let Some(token) = row.token.as_ref()
-        {
-            let event = ready_event(r, row, token, newly.remove(tenant), false);
-            new_requests.push(recorded(r, &event)?);
-            decided.insert(id, outcomes.len());
-            Outcome::Ready(Box::new(event))
-        } else {
-            // A claimed row always has a token or an issue failure; this is a bug.
-            return Err(ProvisionError::Invariant(format!(
-                "tenant {tenant} was neither provisioned nor failed"
-            )));
-        };
-        outcomes.push(outcome);
-    }
-    Ok((outcomes, new_requests))
+) -> Result<Vec<Outcome>, ProvisionError> {
+    reqs.iter()
+        .map(|r| {
+            let tenant = r.tenant_id.as_str();
+            let row = tenants.get(tenant);
+            if let Some(at) = row.and_then(|row| row.deleted_at) {
+                return Ok(Outcome::Gone { deleted_at: at });
+            }
+            if let Some(e) = failures.get(tenant) {
+                return Ok(Outcome::Failed(e.clone()));
+            }
+            match row.and_then(|row| Some((row, row.token.as_ref()?))) {
+                Some((row, token)) => Ok(Outcome::Ready(Box::new(ready_event(r, row, token)))),
+                // A claimed row always has a token or an issue failure; this is a bug.
+                None => Err(ProvisionError::Invariant(format!(
+                    "tenant {tenant} was neither provisioned nor failed"
+                ))),
+            }
+        })
+        .collect()
 }
 
-/// The ready event of request `r` for the tenant's token as stored (contract §7, §10).
+/// The ready event of request `r` for the tenant's token as stored (contract §7, §10):
+/// `newly_issued` when `r` issued one of the tenant's tokens, `rotated` when that token was a
+/// rotation's (generation 2 or later).
 pub(super) fn ready_event(
     r: &ProvisionRequest,
     row: &TenantRow,
     token: &StoredToken,
-    newly_issued: bool,
-    rotated: bool,
 ) -> ReadyEvent {
+    let issued = row.generation_issued_by(r.identity.as_str());
     ReadyEvent {
         event_id: r.identity.event_id(),
         tenant_id: row.tenant_id.clone(),
         container: row.container.clone(),
         token_fingerprint: token.fingerprint.clone(),
         issued_at: rfc3339(token.issued_at),
-        newly_issued,
+        newly_issued: issued.is_some(),
         trigger: r.trigger.as_str().to_owned(),
         correlation_id: r.identity.as_str().to_owned(),
-        rotated,
+        rotated: issued.is_some_and(|g| g > 1),
         generation: row.generation,
         token: None,
     }
-}
-
-/// The request to record with its event, serialised exactly as it is published.
-pub(super) fn recorded(
-    r: &ProvisionRequest,
-    event: &ReadyEvent,
-) -> Result<NewRequest, ProvisionError> {
-    let id = r.identity.as_str();
-    Ok(NewRequest {
-        request_id: id.to_owned(),
-        tenant_id: r.tenant_id.as_str().to_owned(),
-        event_id: event.event_id,
-        event: serde_json::to_string(event).map_err(|error| ProvisionError::Serialise {
-            request: id.to_owned(),
-            error,
-        })?,
-    })
-}
-
-pub(super) fn parse_event(request: &str, stored: &str) -> Result<ReadyEvent, ProvisionError> {
-    serde_json::from_str(stored).map_err(|error| ProvisionError::StoredEvent {
-        request: request.to_owned(),
-        error,
-    })
 }
 
 fn unique<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {

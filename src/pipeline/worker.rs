@@ -67,11 +67,6 @@ impl Worker {
             return Ok(None);
         };
         health.set_database(true);
-        tokio::spawn(prune_requests(
-            store.clone(),
-            settings.request_retention,
-            shutdown.clone(),
-        ));
         let issuer = IssuerClient::new(settings.issuer).map_err(anyhow::Error::msg)?;
         let cipher = Arc::new(settings.cipher);
         let revoker = Revoker {
@@ -311,21 +306,5 @@ async fn connect_store(url: &str, pool_size: u32, shutdown: &CancellationToken) 
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
-/// Forgets handled requests past their retention, once at start-up and then hourly.
-async fn prune_requests(store: Store, retention: Duration, shutdown: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_secs(3600));
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        match store::prune_requests(store.pool(), retention).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(pruned = n, ?retention, "forgot old handled requests"),
-            Err(e) => tracing::warn!(error = %e, "pruning old handled requests failed"),
-        }
     }
 }

@@ -11,24 +11,27 @@ use std::time::Duration;
 use sqlx::{PgConnection, Row as _};
 use time::OffsetDateTime;
 
-use super::{NewRequest, NewToken, StoreError, TenantRow, generation_i32, row_from};
+use super::{NewToken, StoreError, TenantRow, generation_i32, row_from};
 
-/// Locks a tenant's row until the transaction ends; returns it with its ciphertext and the
-/// transaction's `now()` (which a rotation stores as `issued_at`). `None` when there is none.
+/// Locks a tenant's row until the transaction ends; returns it with its ciphertext (and
+/// whether `request_id` issued one of its tokens) and the transaction's `now()` (which a
+/// rotation stores as `issued_at`). `None` when there is none.
 pub(crate) async fn lock_tenant(
     tx: &mut PgConnection,
     tenant_id: &str,
+    request_id: &str,
 ) -> Result<Option<(TenantRow, OffsetDateTime)>, StoreError> {
-    let row = sqlx::query(
-        "SELECT tenant_id, container, token_fingerprint, issued_at, jti, token_ciphertext,
-                key_id, generation, deleted_at, now()
-           FROM tenants WHERE tenant_id = $1 FOR UPDATE",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        tenant_columns!("true", "ARRAY[$2]"),
+        ", now() FROM tenants t WHERE t.tenant_id = $1 FOR UPDATE OF t"
+    ))
     .bind(tenant_id)
+    .bind(request_id)
     .fetch_optional(&mut *tx)
     .await?;
     match row {
-        Some(r) => Ok(Some((row_from(&r)?, r.try_get(9)?))),
+        Some(r) => Ok(Some((row_from(&r)?, r.try_get(12)?))),
         None => Ok(None),
     }
 }
@@ -41,13 +44,11 @@ pub(crate) struct Rotation<'a> {
     pub new: &'a NewToken,
     /// How long generation n stays valid (zero for `now: true`).
     pub grace: Duration,
-    /// The rotate request, recorded with its ready event.
-    pub request: &'a NewRequest,
 }
 
-/// Stores generation n+1 as current, queues generation n for revocation after the grace,
-/// erases the new token's journal copy and records the request with its event, in one
-/// statement of the caller's transaction.
+/// Stores generation n+1 as current (issued by the rotate request, `new.issued_by`), queues
+/// generation n for revocation after the grace (with the request that issued it), and erases
+/// the new token's journal copy, in one statement of the caller's transaction.
 pub(crate) async fn rotate(tx: &mut PgConnection, r: &Rotation<'_>) -> Result<(), StoreError> {
     let old = r.current.token.as_ref();
     let sealed = old.and_then(|t| t.sealed.as_ref());
@@ -55,21 +56,18 @@ pub(crate) async fn rotate(tx: &mut PgConnection, r: &Rotation<'_>) -> Result<()
         "WITH superseded AS (
              INSERT INTO revocations (token_fingerprint, tenant_id, container, generation, jti,
                                       token_ciphertext, key_id, reason, correlation_id, due_at,
-                                      next_attempt_at)
+                                      next_attempt_at, issued_by)
              SELECT $1, $2, $3, $4, $5, $6, $7, 'rotated', $8,
-                    now() + make_interval(secs => $9), now() + make_interval(secs => $9)
+                    now() + make_interval(secs => $9), now() + make_interval(secs => $9), $15
               WHERE $1::text IS NOT NULL AND $6::bytea IS NOT NULL
              ON CONFLICT (token_fingerprint) DO NOTHING
-         ), stored AS (
-             UPDATE tenants SET token_ciphertext = $10, key_id = $11, token_fingerprint = $12,
-                                jti = $13, issued_at = now(), generation = $14
-              WHERE tenant_id = $2
          ), unjournaled AS (
              UPDATE issued_tokens SET token_ciphertext = NULL, key_id = NULL
               WHERE token_fingerprint = $12 AND token_ciphertext IS NOT NULL
          )
-         INSERT INTO requests (request_id, tenant_id, event_id, event)
-         VALUES ($8, $2, $15, $16)",
+         UPDATE tenants SET token_ciphertext = $10, key_id = $11, token_fingerprint = $12,
+                            jti = $13, issued_at = now(), generation = $14, issued_by = $8
+          WHERE tenant_id = $2",
     )
     .bind(old.map(|t| t.fingerprint.as_str()))
     .bind(r.current.tenant_id.as_str())
@@ -78,15 +76,14 @@ pub(crate) async fn rotate(tx: &mut PgConnection, r: &Rotation<'_>) -> Result<()
     .bind(old.and_then(|t| t.jti.as_deref()))
     .bind(sealed.map(|s| s.blob.as_slice()))
     .bind(sealed.map(|s| s.key_id.as_str()))
-    .bind(r.request.request_id.as_str())
+    .bind(r.new.issued_by.as_str())
     .bind(r.grace.as_secs_f64())
     .bind(r.new.sealed.blob.as_slice())
     .bind(r.new.sealed.key_id.as_str())
     .bind(r.new.fingerprint.as_str())
     .bind(r.new.jti.as_deref())
     .bind(generation_i32(r.current.generation.saturating_add(1)))
-    .bind(r.request.event_id)
-    .bind(r.request.event.as_str())
+    .bind(r.current.issued_by.as_deref())
     .execute(tx)
     .await?;
     Ok(())
@@ -132,9 +129,9 @@ pub(crate) async fn delete(
         "WITH current_token AS (
              INSERT INTO revocations (token_fingerprint, tenant_id, container, generation, jti,
                                       token_ciphertext, key_id, reason, correlation_id, due_at,
-                                      next_attempt_at)
+                                      next_attempt_at, issued_by)
              SELECT token_fingerprint, tenant_id, container, generation, jti, token_ciphertext,
-                    key_id, 'deleted', $2, now(), now()
+                    key_id, 'deleted', $2, now(), now(), issued_by
                FROM tenants WHERE tenant_id = $1 AND token_ciphertext IS NOT NULL
              ON CONFLICT (token_fingerprint) DO NOTHING
          ), superseded AS (
@@ -143,7 +140,8 @@ pub(crate) async fn delete(
               WHERE tenant_id = $1 AND revoked_at IS NULL
          )
          UPDATE tenants SET token_ciphertext = NULL, key_id = NULL, token_fingerprint = NULL,
-                            jti = NULL, issued_at = NULL, deleted_at = now(), deleted_by = $2
+                            jti = NULL, issued_at = NULL, issued_by = NULL, deleted_at = now(),
+                            deleted_by = $2
           WHERE tenant_id = $1",
     )
     .bind(tenant_id)

@@ -1,12 +1,14 @@
-//! The Postgres store: tenants with their (encrypted) tokens, and handled requests with the
-//! ready event each one yields.
+//! The Postgres store: tenants with their (encrypted) tokens, each with the identity of the
+//! request that issued it. Nothing is written per handled request: a request's ready event
+//! follows from its identity and the tenant's row (see [`TenantRow::generation_issued_by`]),
+//! so the database grows with tenants and tokens, never with traffic.
 //!
 //! # How a tenant gets exactly one token
 //!
 //! A token is written once and never changed, so a committed token can be read without a
 //! lock ([`lookup`]). A tenant without one is *claimed* by [`claim`]: an upsert of its
 //! row that takes the row lock and keeps it until the transaction ends. The transaction then
-//! calls the issuer, stores the token ([`store_and_record`]) and commits. A second worker (another
+//! calls the issuer, stores the token ([`store_tokens`]) and commits. A second worker (another
 //! process, or a duplicate in flight) that claims the same tenant blocks on the row lock until
 //! the first commits, then finds the token and calls no issuer. If the first dies, Postgres
 //! ends its transaction and releases the lock, and the waiter issues instead (with the same
@@ -24,6 +26,30 @@ use sqlx::{ConnectOptions as _, PgConnection, PgPool, Postgres, Row as _};
 use time::OffsetDateTime;
 
 use crate::crypto::Sealed;
+
+/// The columns of a tenant's row (table alias `t`) that [`row_from`] reads, in its order: the
+/// ciphertext only when the parameter `$cipher` (a boolean) is true, and the requests among the
+/// parameter `$requests` (a `text[]`) that issued one of its superseded or revoked tokens,
+/// with their generations. A literal, so that queries stay `&'static str`.
+macro_rules! tenant_columns {
+    ($cipher:literal, $requests:literal) => {
+        concat!(
+            "t.tenant_id, t.container, t.token_fingerprint, t.issued_at, t.jti, ",
+            "CASE WHEN ",
+            $cipher,
+            " THEN t.token_ciphertext END, t.key_id, t.generation, ",
+            "t.deleted_at, t.issued_by, ",
+            "ARRAY(SELECT v.issued_by FROM revocations v WHERE v.tenant_id = t.tenant_id ",
+            "AND v.issued_by = ANY(",
+            $requests,
+            "::text[]) ORDER BY v.generation), ",
+            "ARRAY(SELECT v.generation FROM revocations v WHERE v.tenant_id = t.tenant_id ",
+            "AND v.issued_by = ANY(",
+            $requests,
+            "::text[]) ORDER BY v.generation)"
+        )
+    };
+}
 
 pub(crate) mod lifecycle;
 pub(crate) mod revocations;
@@ -89,6 +115,25 @@ pub(crate) struct TenantRow {
     pub generation: u32,
     /// Set when the tenant was deleted: the row is a tombstone.
     pub deleted_at: Option<OffsetDateTime>,
+    /// The identity of the request that issued the current token.
+    pub issued_by: Option<String>,
+    /// Requests (of those asked about) that issued a superseded or revoked token, with the
+    /// generation each issued.
+    pub past_issuers: Vec<(String, u32)>,
+}
+
+impl TenantRow {
+    /// The generation that request `id` issued, if it issued one of the tenant's tokens: its
+    /// event says `newly_issued` (contract §7), on every redelivery.
+    pub(crate) fn generation_issued_by(&self, id: &str) -> Option<u32> {
+        if self.issued_by.as_deref() == Some(id) {
+            return Some(self.generation);
+        }
+        self.past_issuers
+            .iter()
+            .find(|(by, _)| by == id)
+            .map(|&(_, generation)| generation)
+    }
 }
 
 /// What is stored of a token.
@@ -114,18 +159,8 @@ pub(crate) struct NewToken {
     pub fingerprint: String,
     /// Its `jti`.
     pub jti: Option<String>,
-}
-
-/// A handled request to record.
-pub(crate) struct NewRequest {
-    /// Message identity.
-    pub request_id: String,
-    /// The tenant.
-    pub tenant_id: String,
-    /// The event's id.
-    pub event_id: uuid::Uuid,
-    /// The ready event, serialized exactly as it is published (without any token).
-    pub event: String,
+    /// The identity of the request that issued it.
+    pub issued_by: String,
 }
 
 impl Store {
@@ -182,11 +217,11 @@ impl Store {
 
     /// A tenant's row with its ciphertext (`token show`).
     pub(crate) async fn tenant(&self, tenant_id: &str) -> Result<Option<TenantRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT tenant_id, container, token_fingerprint, issued_at, jti, token_ciphertext,
-                    key_id, generation, deleted_at
-               FROM tenants WHERE tenant_id = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!("true", "NULL"),
+            " FROM tenants t WHERE t.tenant_id = $1"
+        ))
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -323,69 +358,30 @@ pub(crate) async fn orphaned_tokens(pool: &PgPool) -> Result<Vec<Orphan>, StoreE
         .collect()
 }
 
-/// One read for a batch: the stored events of requests already handled (by request id) and
-/// the tenants among `tenant_ids` whose token is committed. No lock: neither ever changes.
+/// One read for a batch: the tenants among `tenant_ids` whose token is committed, or that are
+/// tombstones, each with the generations that requests among `request_ids` issued. No lock: a
+/// committed token changes only under a rotation, whose requests take the row lock.
 pub(crate) async fn lookup(
     conn: &mut PgConnection,
-    request_ids: &[String],
     tenant_ids: &[String],
+    request_ids: &[String],
     with_ciphertext: bool,
-) -> Result<(HashMap<String, String>, HashMap<String, TenantRow>), StoreError> {
-    let rows = sqlx::query(
-        "SELECT request_id, NULL::text, NULL::text, NULL::timestamptz, NULL::text,
-                NULL::bytea, NULL::text, 1, NULL::timestamptz, event
-           FROM requests
-          WHERE request_id = ANY($1)
-         UNION ALL
-         SELECT tenant_id, container, token_fingerprint, issued_at, jti,
-                CASE WHEN $3 THEN token_ciphertext END, key_id, generation, deleted_at, NULL::text
-           FROM tenants
-          WHERE tenant_id = ANY($2) AND (issued_at IS NOT NULL OR deleted_at IS NOT NULL)",
-    )
-    .bind(request_ids)
+) -> Result<HashMap<String, TenantRow>, StoreError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        tenant_columns!("$2", "$3"),
+        " FROM tenants t
+          WHERE t.tenant_id = ANY($1) AND (t.issued_at IS NOT NULL OR t.deleted_at IS NOT NULL)"
+    ))
     .bind(tenant_ids)
     .bind(with_ciphertext)
+    .bind(request_ids)
     .fetch_all(conn)
     .await?;
-    let mut known = HashMap::new();
-    let mut tenants = HashMap::new();
-    for r in rows {
-        match r.try_get::<Option<String>, _>(9)? {
-            Some(event) => {
-                known.insert(r.try_get(0)?, event);
-            }
-            None => {
-                let row = row_from(&r)?;
-                tenants.insert(row.tenant_id.clone(), row);
-            }
-        }
-    }
-    Ok((known, tenants))
-}
-
-/// Forgets handled requests older than `retention`; returns how many. A redelivery older
-/// than that is handled as a new request (same event id, `newly_issued: false`).
-pub(crate) async fn prune_requests(pool: &PgPool, retention: Duration) -> Result<u64, StoreError> {
-    let done =
-        sqlx::query("DELETE FROM requests WHERE handled_at < now() - make_interval(secs => $1)")
-            .bind(retention.as_secs_f64())
-            .execute(pool)
-            .await?;
-    Ok(done.rows_affected())
-}
-
-/// Stored events of requests already handled, by request id.
-pub(crate) async fn known_requests(
-    tx: &mut PgConnection,
-    ids: &[String],
-) -> Result<HashMap<String, String>, StoreError> {
-    let rows = sqlx::query("SELECT request_id, event FROM requests WHERE request_id = ANY($1)")
-        .bind(ids)
-        .fetch_all(tx)
-        .await?;
-    rows.into_iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
+    rows.iter()
+        .map(|r| row_from(r).map(|row| (row.tenant_id.clone(), row)))
+        .collect::<Result<_, _>>()
+        .map_err(StoreError::from)
 }
 
 fn row_from(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
@@ -405,22 +401,35 @@ fn row_from(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
         _ => None,
     };
     let generation: i32 = r.try_get(7)?;
+    let past_by: Vec<String> = r.try_get(10)?;
+    let past_generations: Vec<i32> = r.try_get(11)?;
     Ok(TenantRow {
         tenant_id: r.try_get(0)?,
         container: r.try_get(1)?,
         token,
-        generation: u32::try_from(generation).unwrap_or(1),
+        generation: generation_u32(generation),
         deleted_at: r.try_get(8)?,
+        issued_by: r.try_get(9)?,
+        past_issuers: past_by
+            .into_iter()
+            .zip(past_generations.into_iter().map(generation_u32))
+            .collect(),
     })
+}
+
+/// A stored generation (never below 1).
+fn generation_u32(g: i32) -> u32 {
+    u32::try_from(g).unwrap_or(1).max(1)
 }
 
 /// Claims tenants: inserts missing rows with the proposed container and locks every row until
 /// the transaction ends. Returns the rows as stored (an existing container wins; a token that
 /// another worker committed meanwhile is returned, and then no issue call is needed), and the
-/// transaction's `now()`, which [`store_and_record`] stores as `issued_at`.
+/// transaction's `now()`, which [`store_tokens`] stores as `issued_at`.
 pub(crate) async fn claim(
     tx: &mut PgConnection,
     claims: &[(String, String, Option<String>)],
+    request_ids: &[String],
     with_ciphertext: bool,
 ) -> Result<(Vec<TenantRow>, Option<OffsetDateTime>), StoreError> {
     let mut sorted: Vec<&(String, String, Option<String>)> = claims.iter().collect();
@@ -436,18 +445,19 @@ pub(crate) async fn claim(
     let mut retried = false;
     let rows = loop {
         let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
-        let result = sqlx::query(
-            "INSERT INTO tenants (tenant_id, container, tenant_name)
+        let result = sqlx::query(concat!(
+            "INSERT INTO tenants AS t (tenant_id, container, tenant_name)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1
              ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id
-             RETURNING tenant_id, container, token_fingerprint, issued_at, jti,
-                       CASE WHEN $4 THEN token_ciphertext END, key_id, generation, deleted_at,
-                       now()",
-        )
+             RETURNING ",
+            tenant_columns!("$4", "$5"),
+            ", now()"
+        ))
         .bind(&ids)
         .bind(&containers)
         .bind(&names)
         .bind(with_ciphertext)
+        .bind(request_ids)
         .fetch_all(&mut *savepoint)
         .await;
         match result {
@@ -467,40 +477,36 @@ pub(crate) async fn claim(
         }
     };
     let now = match rows.first() {
-        Some(r) => Some(r.try_get(9)?),
+        Some(r) => Some(r.try_get(12)?),
         None => None,
     };
     Ok((rows.iter().map(row_from).collect::<Result<_, _>>()?, now))
 }
 
 /// In one statement, stores the tokens of claimed tenants (with `issued_at = now()`, the
-/// transaction's start time) and records handled requests with their events. Returns how
-/// many tokens were stored, and the stored event of every request whose id was already
-/// recorded (by a concurrent worker), which then wins.
-pub(crate) async fn store_and_record(
+/// transaction's start time, and the request that issued each) and erases their journal
+/// copies. Returns how many tokens were stored.
+pub(crate) async fn store_tokens(
     tx: &mut PgConnection,
     tokens: &[NewToken],
-    requests: &[NewRequest],
-) -> Result<(usize, HashMap<String, String>), StoreError> {
+) -> Result<usize, StoreError> {
     if tokens.is_empty() {
-        return Ok((0, record_requests(tx, requests).await?));
+        return Ok(0);
     }
     let t_ids: Vec<&str> = tokens.iter().map(|t| t.tenant_id.as_str()).collect();
     let blobs: Vec<&[u8]> = tokens.iter().map(|t| t.sealed.blob.as_slice()).collect();
     let keys: Vec<&str> = tokens.iter().map(|t| t.sealed.key_id.as_str()).collect();
     let fps: Vec<&str> = tokens.iter().map(|t| t.fingerprint.as_str()).collect();
     let jtis: Vec<Option<&str>> = tokens.iter().map(|t| t.jti.as_deref()).collect();
-    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-    let tenants: Vec<&str> = requests.iter().map(|r| r.tenant_id.as_str()).collect();
-    let event_ids: Vec<uuid::Uuid> = requests.iter().map(|r| r.event_id).collect();
-    let events: Vec<&str> = requests.iter().map(|r| r.event.as_str()).collect();
-    let row = sqlx::query(
+    let by: Vec<&str> = tokens.iter().map(|t| t.issued_by.as_str()).collect();
+    let stored: i64 = sqlx::query_scalar(
         "WITH stored AS (
              UPDATE tenants t
                 SET token_ciphertext = u.blob, key_id = u.key_id, token_fingerprint = u.fp,
-                    jti = u.jti, issued_at = now()
-               FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
-                    AS u(tenant_id, blob, key_id, fp, jti)
+                    jti = u.jti, issued_at = now(), issued_by = u.issued_by
+               FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[],
+                           $6::text[])
+                    AS u(tenant_id, blob, key_id, fp, jti, issued_by)
               WHERE t.tenant_id = u.tenant_id AND t.issued_at IS NULL
                 AND t.deleted_at IS NULL
               RETURNING t.tenant_id
@@ -508,74 +514,16 @@ pub(crate) async fn store_and_record(
              -- A stored token needs no journal copy: erase it in the same transaction.
              UPDATE issued_tokens SET token_ciphertext = NULL, key_id = NULL
               WHERE token_fingerprint = ANY($4) AND token_ciphertext IS NOT NULL
-         ), recorded AS (
-             INSERT INTO requests (request_id, tenant_id, event_id, event)
-             SELECT * FROM unnest($6::text[], $7::text[], $8::uuid[], $9::text[]) ORDER BY 1
-             ON CONFLICT (request_id) DO NOTHING
-             RETURNING request_id
          )
-         SELECT (SELECT count(*) FROM stored), ARRAY(SELECT request_id FROM recorded)",
+         SELECT count(*) FROM stored",
     )
     .bind(&t_ids)
     .bind(&blobs)
     .bind(&keys)
     .bind(&fps)
     .bind(&jtis)
-    .bind(&ids)
-    .bind(&tenants)
-    .bind(&event_ids)
-    .bind(&events)
+    .bind(&by)
     .fetch_one(&mut *tx)
     .await?;
-    let stored: i64 = row.try_get(0)?;
-    let inserted: Vec<String> = row.try_get(1)?;
-    let lost = lost_races(tx, &ids, &inserted).await?;
-    Ok((usize::try_from(stored).unwrap_or(0), lost))
-}
-
-/// Records handled requests with their events, in request-id order (like claims, so that two
-/// batches inserting the same ids cannot deadlock). Returns the stored event of every request
-/// whose id was already recorded (by a concurrent worker), which then wins.
-pub(crate) async fn record_requests(
-    tx: &mut PgConnection,
-    requests: &[NewRequest],
-) -> Result<HashMap<String, String>, StoreError> {
-    if requests.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-    let tenants: Vec<&str> = requests.iter().map(|r| r.tenant_id.as_str()).collect();
-    let event_ids: Vec<uuid::Uuid> = requests.iter().map(|r| r.event_id).collect();
-    let events: Vec<&str> = requests.iter().map(|r| r.event.as_str()).collect();
-    let inserted: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO requests (request_id, tenant_id, event_id, event)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[]) ORDER BY 1
-         ON CONFLICT (request_id) DO NOTHING
-         RETURNING request_id",
-    )
-    .bind(&ids)
-    .bind(&tenants)
-    .bind(&event_ids)
-    .bind(&events)
-    .fetch_all(&mut *tx)
-    .await?;
-    lost_races(tx, &ids, &inserted).await
-}
-
-/// The stored events of the requests among `ids` that were not `inserted`.
-async fn lost_races(
-    tx: &mut PgConnection,
-    ids: &[&str],
-    inserted: &[String],
-) -> Result<HashMap<String, String>, StoreError> {
-    if inserted.len() == ids.len() {
-        return Ok(HashMap::new());
-    }
-    let inserted: std::collections::HashSet<&str> = inserted.iter().map(String::as_str).collect();
-    let lost: Vec<String> = ids
-        .iter()
-        .filter(|id| !inserted.contains(**id))
-        .map(|s| (*s).to_owned())
-        .collect();
-    known_requests(tx, &lost).await
+    Ok(usize::try_from(stored).unwrap_or(0))
 }
