@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// `extension.requested` for M tenants provisioned in an earlier (unmeasured) phase.
     #[arg(long, default_value_t = 0)]
     pub existing: usize,
+    /// `extension.requested` messages per `--existing` tenant in the measured phase, each with
+    /// its own message id (e.g. `--existing 10000 --requests-per-existing 100` for a million).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub requests_per_existing: u32,
     /// Latency of the stub issuer during the measured phase.
     #[arg(long, default_value_t = 0)]
     pub issuer_latency_ms: u64,

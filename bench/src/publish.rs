@@ -56,12 +56,14 @@ pub fn provisioning_messages(prefix: &str, existing: &[String]) -> Vec<Msg> {
 }
 
 /// The measured requests, shuffled: `tenants` new tenants, `duplicates` of them again (same
-/// message id, as redeliveries would be), and an `extension.requested` per existing tenant.
+/// message id, as redeliveries would be), and `per_existing` `extension.requested` per
+/// existing tenant.
 pub fn measured_messages(
     prefix: &str,
     tenants: usize,
     duplicates: usize,
     existing: &[String],
+    per_existing: u32,
 ) -> Vec<Msg> {
     let new = |i: usize| {
         created(
@@ -76,13 +78,15 @@ pub fn measured_messages(
     dups.shuffle(&mut rng);
     msgs.extend(dups.iter().take(duplicates).map(|&i| new(i)));
     for (i, t) in existing.iter().enumerate() {
-        msgs.push(Msg {
-            key: topology::EXTENSION_REQUESTED,
-            id: format!("{prefix}ext-{i:06}"),
-            body: serde_json::json!({"tenant_id": t, "extension_id": format!("ext-{i}")})
-                .to_string()
-                .into_bytes(),
-        });
+        for k in 0..per_existing {
+            msgs.push(Msg {
+                key: topology::EXTENSION_REQUESTED,
+                id: format!("{prefix}ext-{i:06}-{k}"),
+                body: serde_json::json!({"tenant_id": t, "extension_id": format!("ext-{i}-{k}")})
+                    .to_string()
+                    .into_bytes(),
+            });
+        }
     }
     msgs.shuffle(&mut rng);
     msgs

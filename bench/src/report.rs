@@ -81,6 +81,10 @@ pub struct RunReport {
     pub idle_cpu_percent: f64,
     /// Worker process start → `/readyz` 200, milliseconds (a started worker only).
     pub startup_ms: Option<f64>,
+    /// The database's size after the measured phase, MiB.
+    pub database_mib: f64,
+    /// How much the database grew during the measured phase, MiB.
+    pub database_growth_mib: f64,
     /// Who used the machine meanwhile.
     pub machine: MachineCpu,
     /// Whether every correctness check held.
@@ -189,6 +193,7 @@ fn settings_json(a: &BenchArgs) -> serde_json::Value {
         "tenants": a.tenants,
         "duplicates": a.duplicates,
         "existing": a.existing,
+        "requests_per_existing": a.requests_per_existing,
         "issuer_latency_ms": a.issuer_latency_ms,
         "rate": a.rate,
         "backlog": a.backlog,
@@ -213,11 +218,11 @@ pub fn print_table(out: &mut impl Write, a: &BenchArgs, r: &Report) -> std::io::
     writeln!(
         out,
         "| run | msgs/s | p50 ms | p95 ms | p99 ms | max ms | issue calls | missing | extra | \
-         RSS MiB | CPU s | CPU µs/msg | batch | idle CPU % | start-up ms | broker/pg/bench/other CPU s | load | ok |"
+         RSS MiB | CPU s | CPU µs/msg | batch | idle CPU % | start-up ms | DB MiB (+growth) | broker/pg/bench/other CPU s | load | ok |"
     )?;
     writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
     )?;
     for (i, x) in r.runs.iter().enumerate() {
         print_run_row(out, i + 1, x)?;
@@ -228,11 +233,12 @@ pub fn print_table(out: &mut impl Write, a: &BenchArgs, r: &Report) -> std::io::
 fn print_settings(out: &mut impl Write, a: &BenchArgs) -> std::io::Result<()> {
     writeln!(
         out,
-        "tenant-tokens bench: {} new tenants, {} duplicates, {} existing; issuer {} ms; {}; \
+        "tenant-tokens bench: {} new tenants, {} duplicates, {} existing × {} requests; issuer {} ms; {}; \
          CONCURRENCY {} BATCH_SIZE {} DB_POOL_SIZE {}",
         a.tenants,
         a.duplicates,
         a.existing,
+        a.requests_per_existing,
         a.issuer_latency_ms,
         match (a.backlog, a.rate) {
             (true, _) => "backlog".to_owned(),
@@ -248,7 +254,7 @@ fn print_settings(out: &mut impl Write, a: &BenchArgs) -> std::io::Result<()> {
 fn print_run_row(out: &mut impl Write, n: usize, x: &RunReport) -> std::io::Result<()> {
     writeln!(
         out,
-        "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {:.2} | {:.0} | {} | {:.2} | {} | {:.1}/{:.1}/{:.1}/{:.1} | {:.2} | {} |",
+        "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {:.2} | {:.0} | {} | {:.2} | {} | {:.1} (+{:.1}) | {:.1}/{:.1}/{:.1}/{:.1} | {:.2} | {} |",
         n,
         x.throughput,
         x.latency.p50_ms,
@@ -264,6 +270,8 @@ fn print_run_row(out: &mut impl Write, n: usize, x: &RunReport) -> std::io::Resu
         x.mean_batch.map_or("-".to_owned(), |b| format!("{b:.1}")),
         x.idle_cpu_percent,
         x.startup_ms.map_or("-".to_owned(), |s| format!("{s:.0}")),
+        x.database_mib,
+        x.database_growth_mib,
         x.machine.broker_secs,
         x.machine.postgres_secs,
         x.machine.bench_secs,
@@ -276,7 +284,7 @@ fn print_run_row(out: &mut impl Write, n: usize, x: &RunReport) -> std::io::Resu
 fn print_median_row(out: &mut impl Write, m: &Summary) -> std::io::Result<()> {
     writeln!(
         out,
-        "| median | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | | | | {:.1} | | {:.0} | | {:.2} | {} | | | {} |",
+        "| median | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | | | | {:.1} | | {:.0} | | {:.2} | {} | | | | {} |",
         m.throughput,
         m.p50_ms,
         m.p95_ms,

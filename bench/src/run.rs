@@ -131,6 +131,8 @@ struct After {
     issue_calls: u64,
     mean_batch: Option<f64>,
     idle_cpu_percent: f64,
+    /// The database's size (bytes) before and after the measured phase.
+    database: (i64, i64),
 }
 
 /// One run, from starting the stub issuer to the report.
@@ -161,7 +163,14 @@ pub async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
     stub.set_latency(Duration::from_millis(args.issuer_latency_ms));
     let stub_before = stub.stats();
 
-    let msgs = measured_messages(&prefix, args.tenants, args.duplicates, &existing);
+    let msgs = measured_messages(
+        &prefix,
+        args.tenants,
+        args.duplicates,
+        &existing,
+        args.requests_per_existing,
+    );
+    let db_before = database_bytes(&env.database_url).await?;
     let mut measured = if args.backlog {
         publish_backlog(args, env, &stub, &mut worker, &publisher, &msgs).await?
     } else {
@@ -176,7 +185,8 @@ pub async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
             &mut worker,
         )
         .await?;
-    let after = measure_after(args, &worker, &stub, stub_before.requests, &measured).await;
+    let mut after = measure_after(args, &worker, &stub, stub_before.requests, &measured).await;
+    after.database = (db_before, database_bytes(&env.database_url).await?);
 
     worker.stop().await;
     collector.stop().await;
@@ -351,6 +361,7 @@ async fn measure_after(
         issue_calls,
         mean_batch: mean_batch(measured.batches_before, batches_after),
         idle_cpu_percent: idle_cpu_percent(worker, args.idle).await,
+        database: (0, 0),
     }
 }
 
@@ -367,6 +378,19 @@ async fn idle_cpu_percent(worker: &Worker, idle: Duration) -> f64 {
         }
         _ => 0.0,
     }
+}
+
+/// `pg_database_size` of the bench's database: what the measured phase stored.
+async fn database_bytes(url: &str) -> anyhow::Result<i64> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connect to {}", redact_url(url)))?;
+    let bytes = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+        .fetch_one(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(bytes)
 }
 
 /// The measured phase's events matched to its requests.
@@ -465,6 +489,8 @@ fn newly_issued(ours: &[&Seen], existing: &[String]) -> (usize, usize) {
     (newly.len(), wrongly_new)
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// The run's figures and whether its checks held. The issue calls are only checked when the
 /// stub saw any or the bench started the worker (an external one may use another issuer).
 fn build_report(
@@ -507,6 +533,8 @@ fn build_report(
         mean_batch: after.mean_batch,
         idle_cpu_percent: after.idle_cpu_percent,
         startup_ms: measured.startup.map(|d| d.as_secs_f64() * 1000.0),
+        database_mib: after.database.1 as f64 / MIB,
+        database_growth_mib: (after.database.1 - after.database.0) as f64 / MIB,
         machine,
         ok,
     }
