@@ -260,21 +260,11 @@ async fn wait_failover(workers: &[ChildWorker], since: Instant) -> Vec<Duration>
 
 /// Deliveries the workers took, from their `/metrics` (`tenant_tokens_deliveries_total`).
 async fn deliveries(workers: &[ChildWorker]) -> u64 {
-    let mut total = 0;
+    let mut total = 0.0;
     for w in workers {
-        let text = reqwest::get(format!("http://{}/metrics", w.ops))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        total += text
-            .lines()
-            .filter(|l| l.starts_with("tenant_tokens_deliveries_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>();
+        total += w.metric("tenant_tokens_deliveries_total").await;
     }
-    total
+    total as u64
 }
 
 /// What the two workers cost the broker and Postgres once they have drained the load

@@ -227,6 +227,9 @@ impl Worker {
             };
             let mut batch = vec![first];
             take_ready(&mut s.consumer, &mut batch, limit);
+            if !fill(&mut s.consumer, tasks, &mut batch, limit, shutdown).await? {
+                return Ok(());
+            }
             if limit > 1 && !breaker.hold_while_open(&mut batch, shutdown).await {
                 return Ok(());
             }
@@ -270,6 +273,44 @@ impl Worker {
     }
 }
 
+/// Batches running at once below which a batch goes without waiting to fill: enough to
+/// keep one batch in Postgres while another waits for its confirms, so a lone message is
+/// never held, while under load the deliveries that arrive meanwhile make the batches big
+/// (one transaction and one commit serve more messages).
+const EAGER_BATCHES: usize = 2;
+
+/// Whether a batch of `len` (at most `limit`) goes now, with `running` batches in flight:
+/// when it is full, or when so few run that waiting would only add latency.
+fn batch_goes(len: usize, limit: usize, running: usize) -> bool {
+    len >= limit || running < EAGER_BATCHES
+}
+
+/// Lets `batch` fill under load (see [`batch_goes`]): takes more deliveries as they come and
+/// reaps finished batches until it may go. `false` on shutdown.
+async fn fill(
+    consumer: &mut Consumer,
+    tasks: &mut JoinSet<()>,
+    batch: &mut Vec<Inbound>,
+    limit: usize,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    while !batch_goes(batch.len(), limit, tasks.len()) {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            Some(_) = tasks.join_next() => {}
+            next = consumer.next() => match next {
+                Some(Ok(d)) => {
+                    batch.push(Inbound::from_delivery(d));
+                    take_ready(consumer, batch, limit);
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("the broker cancelled the consumer"),
+            },
+        }
+    }
+    Ok(true)
+}
+
 /// Adds the deliveries that are already waiting to `batch`, up to `limit`, without waiting
 /// for more.
 fn take_ready(consumer: &mut Consumer, batch: &mut Vec<Inbound>, limit: usize) {
@@ -306,5 +347,22 @@ async fn connect_store(url: &str, pool_size: u32, shutdown: &CancellationToken) 
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_batch_goes_at_once_and_under_load_it_waits_until_full() {
+        assert!(batch_goes(1, 64, 0), "nothing running: go");
+        assert!(batch_goes(1, 64, EAGER_BATCHES - 1), "fewer than eager: go");
+        assert!(!batch_goes(1, 64, EAGER_BATCHES), "enough running: fill");
+        assert!(batch_goes(64, 64, 8), "full: go whatever runs");
+        assert!(
+            batch_goes(1, 1, 8),
+            "a probe's batch of one is full at once"
+        );
     }
 }
