@@ -34,6 +34,8 @@ pub mod metric {
     pub const REVOCATIONS_PENDING: &str = "tenant_tokens_revocations_pending";
     /// Batches handled, by size (extra: shows how well batching works).
     pub(crate) const BATCH_SIZE: &str = "tenant_tokens_batch_size";
+    /// `basic.ack` frames sent, by `multiple` (extra: shows how well acks coalesce).
+    pub(crate) const ACK_FRAMES: &str = "tenant_tokens_ack_frames_total";
 }
 
 /// How logs are written (`LOG_FORMAT`).

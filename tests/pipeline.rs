@@ -899,6 +899,26 @@ async fn publishing_with_a_name_longer_than_amqp_allows_is_an_error_not_a_panic(
     env.cleanup().await;
 }
 
+/// A worker process (its `/metrics` is its own) that has handled `n` new tenants, published
+/// while it consumed.
+async fn worker_after_load(n: usize) -> (TestEnv, support::ChildWorker) {
+    let env = TestEnv::new().await;
+    let issuer = issuer(Duration::ZERO).await;
+    let events = Collector::ready_events(&env).await;
+    let mut worker = env.spawn_worker(&issuer.uri(), &[]);
+    worker.wait_ready(WAIT).await;
+    let producer = Producer::new(&env).await;
+    let requests = (0..n)
+        .map(|i| {
+            let body = json!({"tenant_id": tenant(&format!("load{i}"))});
+            ("tenant.created".to_owned(), body, format!("load-{i}"))
+        })
+        .collect();
+    producer.requests(requests).await;
+    events.wait_for(n, WAIT).await;
+    (env, worker)
+}
+
 /// Under load a batch fills while two others run, so one transaction and one commit serve
 /// many messages: 600 requests published while the worker consumes are handled in batches of
 /// 20 or more on average (31–37 measured; taking only what had already arrived made 10–12
@@ -906,21 +926,7 @@ async fn publishing_with_a_name_longer_than_amqp_allows_is_an_error_not_a_panic(
 /// here waits for single events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_a_batch_fills_while_two_others_run() {
-    let env = TestEnv::new().await;
-    let issuer = issuer(Duration::ZERO).await;
-    let events = Collector::ready_events(&env).await;
-    let mut worker = env.spawn_worker(&issuer.uri(), &[]);
-    worker.wait_ready(WAIT).await;
-    let producer = Producer::new(&env).await;
-    let requests = (0..600)
-        .map(|i| {
-            let body = json!({"tenant_id": tenant(&format!("fill{i}"))});
-            ("tenant.created".to_owned(), body, format!("fill-{i}"))
-        })
-        .collect();
-    producer.requests(requests).await;
-    events.wait_for(600, WAIT).await;
-
+    let (env, worker) = worker_after_load(600).await;
     let deliveries = worker.metric("tenant_tokens_batch_size_sum").await;
     let batches = worker.metric("tenant_tokens_batch_size_count").await;
     assert_eq!(deliveries, 600.0);
@@ -928,6 +934,24 @@ async fn under_load_a_batch_fills_while_two_others_run() {
         deliveries / batches >= 20.0,
         "600 deliveries in {batches} batches: {:.1} per batch",
         deliveries / batches
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// The acks of a batch go as one multiple-ack when its delivery tags run on from the oldest
+/// unsettled one: 600 deliveries are settled with at most 150 `basic.ack` frames (one each
+/// before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_of_consecutive_deliveries_go_as_one_multiple_ack() {
+    let (env, worker) = worker_after_load(600).await;
+    let frames = worker.metric("tenant_tokens_ack_frames_total").await;
+    let multiple = worker
+        .metric("tenant_tokens_ack_frames_total{multiple=\"true\"}")
+        .await;
+    assert!(
+        (1.0..=150.0).contains(&frames) && multiple >= 1.0,
+        "600 deliveries settled by {frames} ack frames, {multiple} of them multiple"
     );
     worker.stop().await;
     env.cleanup().await;

@@ -1,14 +1,14 @@
 //! A delivery taken apart once, at the edge: the pipeline handles [`Inbound`] values and never
 //! reads AMQP properties or headers itself.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use lapin::Acker;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{FieldTable, ShortString};
 
+use super::acks::Acks;
 use super::message::{cut, header_str, header_u32, with_headers};
 use super::topology::headers;
 use crate::pipeline::decode::Envelope;
@@ -34,13 +34,16 @@ pub(crate) struct Inbound {
     /// When the worker took the delivery (for `tenant_tokens_handle_duration_seconds`).
     pub received: Instant,
     properties: BasicProperties,
-    acker: Acker,
+    tag: u64,
+    acks: Arc<Acks>,
     _in_flight: InFlight,
 }
 
 impl Inbound {
-    /// Takes a delivery apart. From here on it counts as in flight until it is dropped.
-    pub(crate) fn from_delivery(d: Delivery) -> Self {
+    /// Takes a delivery apart and registers it with the `acks` of its channel. From here on it
+    /// counts as in flight until it is dropped.
+    pub(crate) fn from_delivery(d: Delivery, acks: &Arc<Acks>) -> Self {
+        acks.delivered(d.delivery_tag);
         let p = &d.properties;
         let owned = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
         Self {
@@ -59,7 +62,8 @@ impl Inbound {
             received: Instant::now(),
             _in_flight: InFlight::enter(),
             properties: d.properties,
-            acker: d.acker,
+            tag: d.delivery_tag,
+            acks: acks.clone(),
             body: d.data,
         }
     }
@@ -86,23 +90,15 @@ impl Inbound {
         with_headers(&self.properties, edit)
     }
 
-    /// Settles the message: the broker forgets it.
-    pub(crate) async fn ack(&self) {
+    /// Settles the message: the broker forgets it (once its ack is sent, see [`Acks`]).
+    pub(crate) fn ack(&self) {
         self.settled();
-        if let Err(e) = self.acker.ack(BasicAckOptions::default()).await {
-            tracing::warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is answered idempotently");
-        }
+        self.acks.ack(self.tag);
     }
 
     /// Hands the message back to the queue, untouched.
-    pub(crate) async fn requeue(&self) {
+    pub(crate) fn requeue(&self) {
         self.settled();
-        let opts = BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        };
-        if let Err(e) = self.acker.nack(opts).await {
-            tracing::warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
-        }
+        self.acks.requeue(self.tag);
     }
 }

@@ -1,6 +1,7 @@
 //! Everything that talks AMQP: the topology of the contract, message properties, the
 //! confirmed publisher and connection set-up.
 
+pub(crate) mod acks;
 pub(crate) mod inbound;
 pub mod message;
 pub mod publisher;

@@ -185,7 +185,7 @@ impl Breaker {
             }
             if self.state() == BreakerState::OpenIdle {
                 for m in batch.drain(1..) {
-                    m.requeue().await;
+                    m.requeue();
                 }
                 break;
             }

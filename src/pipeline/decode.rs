@@ -132,7 +132,8 @@ pub fn decode_delivery(
 ) {
     use crate::broker::message::{cut, text};
     use crate::broker::topology::headers;
-    let m = crate::broker::inbound::Inbound::from_delivery(delivery);
+    let acks = crate::broker::acks::Acks::detached();
+    let m = crate::broker::inbound::Inbound::from_delivery(delivery, &acks);
     let decoded = decode(&m.envelope(), &m.body);
     let error = decoded.as_ref().err().map(ToString::to_string);
     let copy = m.copy_properties(|h| {

@@ -269,7 +269,7 @@ async fn execute(publisher: &Publisher, m: &Inbound, d: &Disposition, error: &st
         Disposition::RetryLater { delay, attempts } => {
             tracing::info!(attempts, retry_in = ?delay, error, "issuer unavailable; retrying later");
             let result = retry_later(publisher, m, delay, attempts, error).await;
-            finish(m, result, "retried").await;
+            finish(m, result, "retried");
         }
         Disposition::DeadLetter {
             kind,
@@ -284,11 +284,11 @@ async fn execute(publisher: &Publisher, m: &Inbound, d: &Disposition, error: &st
                 "dead-lettering"
             );
             let result = dead_letter(publisher, m, kind, error, attempts, issuer_status).await;
-            finish(m, result, kind.as_str()).await;
+            finish(m, result, kind.as_str());
         }
-        Disposition::Ack => finish(m, Ok(()), "deleted").await,
+        Disposition::Ack => finish(m, Ok(()), "deleted"),
         Disposition::Requeue | Disposition::HoldAsProbe | Disposition::Publish => {
-            m.requeue().await;
+            m.requeue();
         }
     }
 }
@@ -325,7 +325,7 @@ async fn publish_ready(publisher: &Publisher, m: &Inbound, req: &ProvisionReques
     } else {
         "existing"
     };
-    finish(m, result, outcome).await;
+    finish(m, result, outcome);
 }
 
 /// The properties of `tenant.token.ready` (contract §7).
@@ -359,18 +359,18 @@ fn ready_properties(
 /// running goes back to the queue untouched.
 async fn probe(ctx: &Context, publisher: &Publisher, m: &Inbound, req: &ProvisionRequest) {
     let Some(_probe) = ctx.health.breaker.try_probe() else {
-        m.requeue().await;
+        m.requeue();
         return;
     };
     let mut delay = Duration::from_millis(500);
     loop {
         tokio::select! {
-            () = ctx.shutdown.cancelled() => return m.requeue().await,
+            () = ctx.shutdown.cancelled() => return m.requeue(),
             () = tokio::time::sleep(jitter(delay)) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
         match provision(ctx, std::slice::from_ref(req)).await.pop() {
-            Some(Fate::Interrupted) | None => return m.requeue().await,
+            Some(Fate::Interrupted) | None => return m.requeue(),
             Some(f) if matches!(f.happened(), Happened::Unauthorized | Happened::Transient) => {
                 tracing::info!(next_probe_in = ?delay, error = %f.error(), "issuer still refuses or is unavailable");
             }
@@ -436,15 +436,15 @@ async fn dead_letter(
 
 /// Acks when the follow-up publish took (counting `outcome` and the time since delivery),
 /// else hands the message back.
-async fn finish(m: &Inbound, published: Result<(), PublishError>, outcome: &'static str) {
+fn finish(m: &Inbound, published: Result<(), PublishError>, outcome: &'static str) {
     match published {
         Ok(()) => {
-            m.ack().await;
+            m.ack();
             metrics::counter!(metric::OUTCOMES, "outcome" => outcome).increment(1);
         }
         Err(e) => {
             tracing::warn!(error = %e, "publish failed; returning the message to the queue");
-            m.requeue().await;
+            m.requeue();
         }
     }
 }

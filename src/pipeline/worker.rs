@@ -21,6 +21,7 @@ use super::disposition::Policy;
 use super::handle::{self, Context};
 use super::provision::Provisioner;
 use super::revoker::Revoker;
+use crate::broker::acks::Acks;
 use crate::broker::inbound::Inbound;
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, topology};
@@ -49,6 +50,8 @@ struct Session {
     conn: Connection,
     consume: Channel,
     consumer: Consumer,
+    /// Settles the consumer's deliveries (multiple-acks where tags run on).
+    acks: Arc<Acks>,
     publisher: Publisher,
 }
 
@@ -190,6 +193,7 @@ impl Worker {
             topology::REQUESTS_QUEUE
         );
         Ok(Session {
+            acks: Acks::start(consume.clone()),
             conn,
             consume,
             consumer,
@@ -221,13 +225,13 @@ impl Worker {
             }
             let first = match first {
                 None => continue,
-                Some(Some(Ok(d))) => Inbound::from_delivery(d),
+                Some(Some(Ok(d))) => Inbound::from_delivery(d, &s.acks),
                 Some(Some(Err(e))) => return Err(e.into()),
                 Some(None) => anyhow::bail!("the broker cancelled the consumer"),
             };
             let mut batch = vec![first];
-            take_ready(&mut s.consumer, &mut batch, limit);
-            if !fill(&mut s.consumer, tasks, &mut batch, limit, shutdown).await? {
+            take_ready(s, &mut batch, limit);
+            if !fill(s, tasks, &mut batch, limit, shutdown).await? {
                 return Ok(());
             }
             if limit > 1 && !breaker.hold_while_open(&mut batch, shutdown).await {
@@ -239,7 +243,7 @@ impl Worker {
             // Deliveries that arrived while every slot was busy join this batch rather than
             // wait for the next free slot (not a probe's: that one goes alone).
             if !breaker.is_open() {
-                take_ready(&mut s.consumer, &mut batch, self.batch_size);
+                take_ready(s, &mut batch, self.batch_size);
             }
             let ctx = self.ctx.clone();
             let publisher = s.publisher.clone();
@@ -268,6 +272,9 @@ impl Worker {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        // Decided acks still waiting for an older delivery go now; what is unsettled then goes
+        // back to the queue with the channel.
+        s.acks.drain().await;
         let _ = s.consume.close(200, "shutdown".into()).await;
         let _ = s.conn.close(200, "shutdown".into()).await;
     }
@@ -288,7 +295,7 @@ fn batch_goes(len: usize, limit: usize, running: usize) -> bool {
 /// Lets `batch` fill under load (see [`batch_goes`]): takes more deliveries as they come and
 /// reaps finished batches until it may go. `false` on shutdown.
 async fn fill(
-    consumer: &mut Consumer,
+    s: &mut Session,
     tasks: &mut JoinSet<()>,
     batch: &mut Vec<Inbound>,
     limit: usize,
@@ -298,10 +305,10 @@ async fn fill(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(false),
             Some(_) = tasks.join_next() => {}
-            next = consumer.next() => match next {
+            next = s.consumer.next() => match next {
                 Some(Ok(d)) => {
-                    batch.push(Inbound::from_delivery(d));
-                    take_ready(consumer, batch, limit);
+                    batch.push(Inbound::from_delivery(d, &s.acks));
+                    take_ready(s, batch, limit);
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => anyhow::bail!("the broker cancelled the consumer"),
@@ -313,10 +320,10 @@ async fn fill(
 
 /// Adds the deliveries that are already waiting to `batch`, up to `limit`, without waiting
 /// for more.
-fn take_ready(consumer: &mut Consumer, batch: &mut Vec<Inbound>, limit: usize) {
+fn take_ready(s: &mut Session, batch: &mut Vec<Inbound>, limit: usize) {
     while batch.len() < limit {
-        match consumer.next().now_or_never() {
-            Some(Some(Ok(d))) => batch.push(Inbound::from_delivery(d)),
+        match s.consumer.next().now_or_never() {
+            Some(Some(Ok(d))) => batch.push(Inbound::from_delivery(d, &s.acks)),
             _ => break,
         }
     }
