@@ -14,8 +14,8 @@ pub const DEFAULT_BENCH_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/benc
 pub const DEFAULT_BENCH_DATABASE_URL: &str =
     "postgres://postgres@127.0.0.1:5432/tenant_tokens_bench";
 
-/// `tenant-tokens-bench`: measures the `tenant-tokens` worker (a child process, or
-/// `--worker-pid`) against the stub issuer: throughput, latency, RSS, CPU, start-up; vhost
+/// `tenant-tokens-bench`: measures the `tenant-tokens` worker (`--workers` child processes,
+/// or `--worker-pid`) against the stub issuer: throughput, latency, RSS, CPU, start-up; vhost
 /// `bench` and database `tenant_tokens_bench` by default.
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "tenant-tokens-bench", version, about)]
@@ -79,9 +79,13 @@ pub struct BenchArgs {
     /// with the ops address is kept at `info` whatever this says.
     #[arg(long, default_value = "info")]
     pub worker_log: String,
-    /// Append the worker's log (stderr) to this file; by default it is read and dropped.
+    /// Append the workers' logs (stderr) to this file; by default they are read and dropped.
     #[arg(long)]
     pub worker_log_file: Option<PathBuf>,
+    /// Worker processes to start, all with the same settings and encryption key, consuming the
+    /// same queue; their CPU is summed, their peak RSS is the largest one's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "worker_pid")]
+    pub workers: u32,
     /// Measure this already running worker instead of starting one.
     #[arg(long)]
     pub worker_pid: Option<u32>,
@@ -176,5 +180,16 @@ mod tests {
         );
         assert!(parse_env_pair("=x").is_err());
         assert!(parse_env_pair("nothing").is_err());
+    }
+
+    #[test]
+    fn workers_default_to_one_and_exclude_an_external_worker() {
+        use clap::Parser as _;
+        let parse = |a: &[&str]| BenchArgs::try_parse_from([&["tenant-tokens-bench"], a].concat());
+        assert_eq!(parse(&[]).map(|a| a.workers).ok(), Some(1));
+        assert_eq!(parse(&["--workers", "2"]).map(|a| a.workers).ok(), Some(2));
+        assert!(parse(&["--workers", "0"]).is_err());
+        assert!(parse(&["--workers", "2", "--worker-pid", "1"]).is_err());
+        assert!(parse(&["--worker-pid", "1"]).is_ok());
     }
 }

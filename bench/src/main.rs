@@ -1,6 +1,6 @@
 //! `tenant-tokens-bench`: the measuring instrument for issue 4 (performance). It is a
 //! workspace member of its own because it measures the worker from outside: the worker is
-//! the `tenant-tokens` binary, started as a child process.
+//! the `tenant-tokens` binary, started as a child process (or `--workers N` of them).
 //!
 //! Against the RabbitMQ and Postgres it is pointed at — by default a dedicated vhost `bench`
 //! (created through the management API when missing) and the database `tenant_tokens_bench`,
@@ -10,27 +10,29 @@
 //! 2. starts the stub issuer in this process (`--issuer-latency-ms`);
 //! 3. starts the worker as a child process (`tenant-tokens run`, the binary next to this one
 //!    or `--worker-bin`), so its peak RSS (`VmHWM`) and CPU time (`utime + stime`) can be read
-//!    from `/proc` — or, with `--worker-pid`, measures a worker that is already running (start
-//!    it with `ISSUER_URL` pointing at a fixed `--stub-addr` and the same
+//!    from `/proc` — with `--workers N`, N of them at once, sharing the queue, the database
+//!    and one encryption key — or, with `--worker-pid`, measures a worker that is already
+//!    running (start it with `ISSUER_URL` pointing at a fixed `--stub-addr` and the same
 //!    `--issuer-master-token`);
 //! 4. binds a collector queue for `tenant.token.ready` before anything is published;
 //! 5. with `--existing M`, provisions M tenants first (not measured);
 //! 6. publishes N `tenant.created` (`-n`), K duplicates (`--duplicates`, same message id) and
 //!    M `extension.requested` for the tenants of step 5, shuffled: as fast as the broker takes
-//!    them, paced at `--rate R` msgs/s, or (`--backlog`) all of them before the worker starts;
+//!    them, paced at `--rate R` msgs/s, or (`--backlog`) all of them before the workers start;
 //! 7. waits for one ready event per published request (with a deadline, and a clear error when
-//!    events stop coming), then measures the worker's idle CPU for `--idle`.
+//!    events stop coming), then measures the workers' idle CPU for `--idle`.
 //!
-//! It reports throughput (first publish → last ready event; in backlog mode worker ready →
+//! It reports throughput (first publish → last ready event; in backlog mode workers ready →
 //! last ready event), publish→ready latency percentiles (an event is matched to its request by
 //! its `correlation_id`, the request's `message_id`), issue calls (stub counters), missing and
-//! extra events, the worker's peak RSS, CPU seconds, idle CPU and start-up time, plus what the
-//! broker, Postgres and everything else on the machine used meanwhile (the noise). `--runs`
-//! repeats the whole thing and reports medians. The exit status is 1 when a correctness check
+//! extra events, the worker's peak RSS (with several, the largest), CPU seconds and idle CPU
+//! (with several, all together) and start-up time (the slowest), plus what the broker,
+//! Postgres and everything else on the machine used meanwhile (the noise). `--runs` repeats
+//! the whole thing and reports medians. The exit status is 1 when a correctness check
 //! failed (a missing event, a wrong number of issue calls or of `newly_issued` events) or the
 //! bench failed, 2 for a usage error.
 //!
-//! Layout: [`args`] (flags), [`run`] (one run, step by step), [`worker`] (the worker process),
+//! Layout: [`args`] (flags), [`run`] (one run, step by step), [`worker`] (the worker processes),
 //! [`collector`] (ready events), [`publish`] (requests), [`metrics`] (the worker's
 //! `/metrics`), [`procfs`] (CPU and memory from `/proc`), [`vhost`] (management API),
 //! [`report`] (figures, medians, table).

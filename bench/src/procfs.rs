@@ -1,4 +1,4 @@
-//! What the bench reads from `/proc`: CPU time and peak RSS of the worker, and who else used
+//! What the bench reads from `/proc`: CPU time and peak RSS of the workers, and who else used
 //! the machine meanwhile (these shared machines are noisy, so the noise is reported too).
 
 use std::collections::HashMap;
@@ -23,6 +23,15 @@ pub fn process_ticks(pid: u32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other("unexpected /proc/PID/stat"))
 }
 
+/// utime + stime of all of `pids` together, in clock ticks; `None` when there is none or one
+/// cannot be read (a sum over some of them would pass for all of them).
+pub fn total_ticks(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| process_ticks(p).ok()).sum()
+}
+
 fn stat_ticks(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -40,13 +49,19 @@ pub fn peak_rss_kib(pid: u32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other("no VmHWM"))
 }
 
-/// Resets `VmHWM` to the current RSS (`clear_refs` 5), so an already running worker's peak is
-/// the measured phase's. A fresh child needs none.
-pub fn reset_peak_rss(pid: Option<u32>) -> std::io::Result<()> {
-    match pid {
-        Some(p) => std::fs::write(format!("/proc/{p}/clear_refs"), "5"),
-        None => Ok(()),
-    }
+/// The largest `VmHWM` of `pids`, KiB: the peak of the biggest worker, since each is a process
+/// of its own; `None` when none can be read.
+pub fn largest_peak_rss_kib(pids: &[u32]) -> Option<u64> {
+    pids.iter().filter_map(|&p| peak_rss_kib(p).ok()).max()
+}
+
+/// Resets `VmHWM` of each of `pids` to its current RSS (`clear_refs` 5), so an already running
+/// worker's peak is the measured phase's. A fresh child needs none. Tries every pid; returns
+/// the first error.
+pub fn reset_peak_rss(pids: &[u32]) -> std::io::Result<()> {
+    pids.iter()
+        .map(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5"))
+        .fold(Ok(()), Result::and)
 }
 
 /// The 1-minute load average, recorded with each run as a hint of how busy the machine was.
@@ -63,6 +78,7 @@ pub struct CpuSample {
     at: Instant,
     busy: u64,
     cpus: usize,
+    /// Ticks of all the workers together (`None` when none runs).
     worker: Option<u64>,
     /// pid → ticks of RabbitMQ and Postgres processes.
     broker: HashMap<u32, u64>,
@@ -71,24 +87,24 @@ pub struct CpuSample {
 }
 
 impl CpuSample {
-    /// Now, for the worker `worker` (if running), the broker, Postgres and this process.
-    pub fn take(worker: Option<u32>) -> Self {
+    /// Now, for the running workers `workers` (summed), the broker, Postgres and this process.
+    pub fn take(workers: &[u32]) -> Self {
         let (busy, cpus) = machine_busy();
         let (broker, postgres) = broker_and_postgres_ticks();
         Self {
             at: Instant::now(),
             busy,
             cpus,
-            worker: worker.and_then(|p| process_ticks(p).ok()),
+            worker: total_ticks(workers),
             broker,
             postgres,
             me: process_ticks(std::process::id()).unwrap_or(0),
         }
     }
 
-    /// A sample for a worker that starts after `before` was taken: its own counter starts at 0.
-    pub fn take_for(worker: Option<u32>, mut before: Self) -> Self {
-        if before.worker.is_none() && worker.is_some() {
+    /// A sample for workers that start after `before` was taken: their counters start at 0.
+    pub fn take_for(workers: &[u32], mut before: Self) -> Self {
+        if before.worker.is_none() && !workers.is_empty() {
             before.worker = Some(0);
         }
         before
@@ -186,5 +202,15 @@ mod tests {
         let stat = "1234 (tenant tokens) S 1 1234 1234 0 -1 4194560 1000 0 0 0 250 40 0 0 20 0 9 0";
         assert_eq!(stat_ticks(stat), Some(290));
         assert_eq!(stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn sums_ticks_only_when_every_process_is_there() {
+        let me = std::process::id();
+        assert_eq!(total_ticks(&[]), None);
+        assert!(total_ticks(&[me, me]).is_some());
+        assert_eq!(total_ticks(&[me, u32::MAX]), None);
+        assert!(largest_peak_rss_kib(&[me, u32::MAX]).is_some_and(|k| k > 0));
+        assert_eq!(largest_peak_rss_kib(&[]), None);
     }
 }

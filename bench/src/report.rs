@@ -30,7 +30,7 @@ pub struct MachineCpu {
     pub busy_secs: f64,
     /// CPUs of the machine.
     pub cpus: usize,
-    /// The worker.
+    /// The workers, all together.
     pub worker_secs: f64,
     /// RabbitMQ (`beam.smp`).
     pub broker_secs: f64,
@@ -69,17 +69,19 @@ pub struct RunReport {
     pub throughput: f64,
     /// Publish → ready event.
     pub latency: Latency,
-    /// Peak resident set of the worker (`VmHWM`), MiB.
+    /// Peak resident set of the worker (`VmHWM`), MiB: per worker, the largest.
     pub worker_peak_rss_mib: f64,
-    /// Worker CPU seconds (user + system) over the measured phase.
+    /// Worker CPU seconds (user + system) over the measured phase, all workers together.
     pub worker_cpu_secs: f64,
-    /// Worker CPU per request, microseconds.
+    /// Worker CPU per request (all workers together), microseconds.
     pub worker_cpu_us_per_msg: f64,
-    /// Mean deliveries per batch in the measured phase (from the worker's `/metrics`).
+    /// Mean deliveries per batch in the measured phase (from the workers' `/metrics`, over
+    /// all of them).
     pub mean_batch: Option<f64>,
-    /// Worker CPU while idle after the run, percent of one core.
+    /// Worker CPU while idle after the run (all workers together), percent of one core.
     pub idle_cpu_percent: f64,
-    /// Worker process start → `/readyz` 200, milliseconds (a started worker only).
+    /// Worker process start → `/readyz` 200, milliseconds: the slowest of the started
+    /// workers (started ones only).
     pub startup_ms: Option<f64>,
     /// The database's size after the measured phase, MiB.
     pub database_mib: f64,
@@ -104,11 +106,11 @@ pub struct Summary {
     pub p99_ms: f64,
     /// Median max latency, ms.
     pub max_ms: f64,
-    /// Median peak RSS, MiB.
+    /// Median peak RSS (per worker, the largest), MiB.
     pub worker_peak_rss_mib: f64,
-    /// Median worker CPU per request, µs.
+    /// Median worker CPU per request (all workers together), µs.
     pub worker_cpu_us_per_msg: f64,
-    /// Median idle CPU, percent of a core.
+    /// Median idle CPU (all workers together), percent of a core.
     pub idle_cpu_percent: f64,
     /// Median start-up, ms.
     pub startup_ms: Option<f64>,
@@ -203,6 +205,7 @@ fn settings_json(a: &BenchArgs) -> serde_json::Value {
         "worker_args": a.worker_args,
         "worker_env": a.worker_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "worker_log": a.worker_log,
+        "workers": a.workers,
         "worker_pid": a.worker_pid,
         "runs": a.runs,
     })
@@ -234,7 +237,7 @@ fn print_settings(out: &mut impl Write, a: &BenchArgs) -> std::io::Result<()> {
     writeln!(
         out,
         "tenant-tokens bench: {} new tenants, {} duplicates, {} existing × {} requests; issuer {} ms; {}; \
-         CONCURRENCY {} BATCH_SIZE {} DB_POOL_SIZE {}",
+         CONCURRENCY {} BATCH_SIZE {} DB_POOL_SIZE {}, {}",
         a.tenants,
         a.duplicates,
         a.existing,
@@ -248,7 +251,17 @@ fn print_settings(out: &mut impl Write, a: &BenchArgs) -> std::io::Result<()> {
         opt(a.concurrency),
         opt(a.batch_size),
         opt(a.db_pool_size),
+        workers(a),
     )
+}
+
+/// Which workers were measured: how many the bench started, or the external one.
+fn workers(a: &BenchArgs) -> String {
+    match (a.worker_pid, a.workers) {
+        (Some(pid), _) => format!("worker pid {pid}"),
+        (None, 1) => "1 worker".to_owned(),
+        (None, n) => format!("{n} workers"),
+    }
 }
 
 fn print_run_row(out: &mut impl Write, n: usize, x: &RunReport) -> std::io::Result<()> {

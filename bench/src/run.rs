@@ -1,7 +1,8 @@
 //! One run of the bench, step by step: prepare the broker and database once ([`Env`]), then
-//! per run start the stub issuer, the collector and the worker, provision the `--existing`
-//! tenants, publish the measured requests, wait for their ready events, measure the idle
-//! worker, tear down, and match events to requests into a [`RunReport`].
+//! per run start the stub issuer, the collector and the worker (`--workers` processes),
+//! provision the `--existing` tenants, publish the measured requests, wait for their ready
+//! events, measure the idle workers, tear down, and match events to requests into a
+//! [`RunReport`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use crate::args::BenchArgs;
 use crate::collector::{Collector, Seen};
 use crate::metrics::mean_batch;
 use crate::procfs::{
-    CpuSample, load_average, peak_rss_kib, process_ticks, reset_peak_rss, ticks_to_secs,
+    CpuSample, largest_peak_rss_kib, load_average, reset_peak_rss, ticks_to_secs, total_ticks,
 };
 use crate::publish::{
     Msg, Sent, earlier_prefix, existing_tenants, measured_messages, provisioning_messages,
@@ -29,15 +30,15 @@ use crate::publish::{
 };
 use crate::report::{Latency, RunReport};
 use crate::vhost::ensure_vhost;
-use crate::worker::{ChildWorker, Worker, signal, wait_ready};
+use crate::worker::{Launch, Worker, signal, wait_ready};
 
 /// What every run shares: the broker connection and where things are.
 pub struct Env {
     /// The bench's own connection (publisher and collector channels).
     pub conn: Connection,
-    /// Passed on to a started worker.
+    /// Passed on to the started workers.
     pub amqp_url: String,
-    /// Passed on to a started worker.
+    /// Passed on to the started workers.
     pub database_url: String,
     /// The `tenant-tokens` binary to start; `None` with `--worker-pid`.
     pub worker_bin: Option<PathBuf>,
@@ -124,9 +125,10 @@ struct Measured {
     batches_before: Option<(f64, f64)>,
 }
 
-/// What was read of the worker and the stub once the last event came, and the idle CPU.
+/// What was read of the workers and the stub once the last event came, and the idle CPU.
 struct After {
     cpu: CpuSample,
+    /// The largest worker's peak RSS.
     rss_mib: f64,
     issue_calls: u64,
     mean_batch: Option<f64>,
@@ -144,7 +146,8 @@ pub async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
     let stub = start_stub(args).await?;
     // The collector, bound before anything is published.
     let collector = Collector::start(&env.conn, &run_id, &prefix).await?;
-    let mut worker = start_worker(args, env, &stub).await?;
+    let launch = Launch::new(args, env, stub.url());
+    let mut worker = start_worker(args, &launch).await?;
     let publisher = env.conn.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -172,7 +175,7 @@ pub async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
     );
     let db_before = database_bytes(&env.database_url).await?;
     let mut measured = if args.backlog {
-        publish_backlog(args, env, &stub, &mut worker, &publisher, &msgs).await?
+        publish_backlog(args, &launch, &mut worker, &publisher, &msgs).await?
     } else {
         publish_live(args, &worker, &publisher, &msgs).await?
     };
@@ -224,8 +227,8 @@ async fn start_stub(args: &BenchArgs) -> anyhow::Result<StubIssuer> {
 }
 
 /// The worker for the run: the external one (once ready), none yet (backlog without an
-/// earlier phase), or a fresh child.
-async fn start_worker(args: &BenchArgs, env: &Env, stub: &StubIssuer) -> anyhow::Result<Worker> {
+/// earlier phase), or `--workers` fresh children.
+async fn start_worker(args: &BenchArgs, launch: &Launch<'_>) -> anyhow::Result<Worker> {
     Ok(match args.worker_pid {
         Some(pid) => {
             if let Some(addr) = args.worker_ops_addr {
@@ -234,12 +237,12 @@ async fn start_worker(args: &BenchArgs, env: &Env, stub: &StubIssuer) -> anyhow:
             Worker::External(pid)
         }
         None if args.backlog && args.existing == 0 => Worker::NotStarted,
-        None => Worker::Child(Box::new(ChildWorker::spawn(args, env, &stub.url()).await?)),
+        None => launch.start().await?,
     })
 }
 
-/// The earlier, unmeasured phase: provisions the `--existing` tenants. In backlog mode a
-/// started worker is stopped again, so the measured backlog builds up while none runs.
+/// The earlier, unmeasured phase: provisions the `--existing` tenants. In backlog mode the
+/// started workers are stopped again, so the measured backlog builds up while none runs.
 async fn provision_existing(
     args: &BenchArgs,
     publisher: &Channel,
@@ -266,11 +269,11 @@ async fn provision_existing(
 }
 
 /// `--backlog`: publishes everything while no worker consumes (an external one is stopped
-/// with SIGSTOP, and resumed even when publishing fails), then starts or resumes it.
+/// with SIGSTOP, and resumed even when publishing fails), then starts the `--workers`
+/// children or resumes the external one.
 async fn publish_backlog(
     args: &BenchArgs,
-    env: &Env,
-    stub: &StubIssuer,
+    launch: &Launch<'_>,
     worker: &mut Worker,
     publisher: &Channel,
     msgs: &[Msg],
@@ -287,27 +290,19 @@ async fn publish_backlog(
         let _ = signal(*pid, libc::SIGCONT);
     }
     published?;
-    let _ = reset_peak_rss(worker.pid());
-    let cpu_before = CpuSample::take(worker.pid());
-    let (start, startup) = match &*worker {
-        Worker::External(pid) => {
-            signal(*pid, libc::SIGCONT)?;
-            (Instant::now(), None)
-        }
-        _ => {
-            let child = ChildWorker::spawn(args, env, &stub.url()).await?;
-            let start = Instant::now();
-            let startup = child.startup;
-            *worker = Worker::Child(Box::new(child));
-            (start, Some(startup))
-        }
-    };
+    let _ = reset_peak_rss(&worker.pids());
+    let cpu_before = CpuSample::take(&worker.pids());
+    if let Worker::External(pid) = worker {
+        signal(*pid, libc::SIGCONT)?;
+    } else {
+        *worker = launch.start().await?;
+    }
     Ok(Measured {
         mode: "backlog",
         sent,
-        start,
-        startup,
-        cpu_before: CpuSample::take_for(worker.pid(), cpu_before),
+        start: Instant::now(),
+        startup: worker.startup(),
+        cpu_before: CpuSample::take_for(&worker.pids(), cpu_before),
         batches_before,
     })
 }
@@ -320,12 +315,9 @@ async fn publish_live(
     msgs: &[Msg],
 ) -> anyhow::Result<Measured> {
     let batches_before = worker.batch_counters(args.worker_ops_addr).await;
-    let _ = reset_peak_rss(worker.pid());
-    let cpu_before = CpuSample::take(worker.pid());
-    let startup = match worker {
-        Worker::Child(c) => Some(c.startup),
-        _ => None,
-    };
+    let _ = reset_peak_rss(&worker.pids());
+    let cpu_before = CpuSample::take(&worker.pids());
+    let startup = worker.startup();
     let start = Instant::now();
     let mut sent = Sent::default();
     publish_all(publisher, msgs, args.rate, &mut sent).await?;
@@ -339,8 +331,8 @@ async fn publish_live(
     })
 }
 
-/// CPU, peak RSS and batch counters of the worker and the stub's issue calls right after the
-/// last event, then the worker's idle CPU.
+/// CPU (summed), peak RSS (the largest) and batch counters (summed) of the workers and the
+/// stub's issue calls right after the last event, then the workers' idle CPU.
 async fn measure_after(
     args: &BenchArgs,
     worker: &Worker,
@@ -348,11 +340,8 @@ async fn measure_after(
     stub_requests_before: u64,
     measured: &Measured,
 ) -> After {
-    let cpu = CpuSample::take(worker.pid());
-    let rss_mib = worker
-        .pid()
-        .and_then(|p| peak_rss_kib(p).ok())
-        .map_or(0.0, |k| k as f64 / 1024.0);
+    let cpu = CpuSample::take(&worker.pids());
+    let rss_mib = largest_peak_rss_kib(&worker.pids()).map_or(0.0, |k| k as f64 / 1024.0);
     let issue_calls = stub.stats().requests.saturating_sub(stub_requests_before);
     let batches_after = worker.batch_counters(args.worker_ops_addr).await;
     After {
@@ -365,13 +354,14 @@ async fn measure_after(
     }
 }
 
-/// The worker's CPU over `idle` with nothing to do, percent of one core. Waiting out the
-/// window is the measurement itself.
+/// The workers' CPU over `idle` with nothing to do, all together, percent of one core.
+/// Waiting out the window is the measurement itself.
 async fn idle_cpu_percent(worker: &Worker, idle: Duration) -> f64 {
-    let before = worker.pid().and_then(|p| process_ticks(p).ok());
+    let pids = worker.pids();
+    let before = total_ticks(&pids);
     let t0 = Instant::now();
     tokio::time::sleep(idle).await;
-    let after = worker.pid().and_then(|p| process_ticks(p).ok());
+    let after = total_ticks(&pids);
     match (before, after) {
         (Some(a), Some(b)) => {
             ticks_to_secs(b.saturating_sub(a)) / t0.elapsed().as_secs_f64() * 100.0

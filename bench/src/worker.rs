@@ -1,6 +1,6 @@
-//! The worker under test: started by the bench as a child process of the `tenant-tokens`
-//! binary (so its peak RSS and CPU time can be read from `/proc`), or one that runs already
-//! (`--worker-pid`).
+//! The worker under test: started by the bench as one or more child processes of the
+//! `tenant-tokens` binary (`--workers`; so their peak RSS and CPU time can be read from
+//! `/proc`), or one that runs already (`--worker-pid`).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
+use futures::future::{join_all, try_join_all};
+use secrecy::{ExposeSecret as _, SecretString};
 use tenant_tokens::crypto::EncryptionKey;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::ChildStderr;
@@ -24,40 +26,59 @@ const LOG_TAIL_LINES: usize = 20;
 pub enum Worker {
     /// Not running yet (backlog mode).
     NotStarted,
-    /// Started by the bench.
-    Child(Box<ChildWorker>),
+    /// Started by the bench: `--workers` processes (at least one) on the same queue.
+    Children(Vec<ChildWorker>),
     /// Running already (`--worker-pid`).
     External(u32),
 }
 
 impl Worker {
-    /// Its process id, when it runs.
-    pub fn pid(&self) -> Option<u32> {
+    /// The process ids of the running workers (none before they start).
+    pub fn pids(&self) -> Vec<u32> {
         match self {
-            Self::NotStarted => None,
-            Self::Child(c) => Some(c.pid),
-            Self::External(p) => Some(*p),
+            Self::NotStarted => Vec::new(),
+            Self::Children(cs) => cs.iter().map(|c| c.pid).collect(),
+            Self::External(p) => vec![*p],
         }
     }
 
-    /// `(sum, count)` of the worker's batch-size histogram, when its `/metrics` can be read
-    /// (for an external worker only with `--worker-ops-addr`).
-    pub async fn batch_counters(&self, external_ops: Option<SocketAddr>) -> Option<(f64, f64)> {
-        let ops = match self {
-            Self::Child(c) => c.ops,
-            Self::External(_) => external_ops?,
-            Self::NotStarted => return Some((0.0, 0.0)),
-        };
-        crate::metrics::batch_counters(ops).await
+    /// Start-up of the started workers: the slowest one's, since the run waits for all.
+    pub fn startup(&self) -> Option<Duration> {
+        match self {
+            Self::Children(cs) => cs.iter().map(|c| c.startup).max(),
+            _ => None,
+        }
     }
 
-    /// How it ended, if it did.
+    /// `(sum, count)` of the workers' batch-size histograms, summed over the started workers,
+    /// when every `/metrics` can be read (for an external worker only with
+    /// `--worker-ops-addr`).
+    pub async fn batch_counters(&self, external_ops: Option<SocketAddr>) -> Option<(f64, f64)> {
+        let ops: Vec<SocketAddr> = match self {
+            Self::Children(cs) => cs.iter().map(|c| c.ops).collect(),
+            Self::External(_) => vec![external_ops?],
+            Self::NotStarted => return Some((0.0, 0.0)),
+        };
+        join_all(ops.into_iter().map(crate::metrics::batch_counters))
+            .await
+            .into_iter()
+            .try_fold((0.0, 0.0), |(s, c), x| x.map(|(s1, c1)| (s + s1, c + c1)))
+    }
+
+    /// How the first worker that ended ended, if one did (naming it when there are several).
     pub fn exited(&mut self) -> Option<String> {
         match self {
-            Self::Child(c) => match c.child.try_wait() {
-                Ok(Some(s)) => Some(s.to_string()),
-                _ => None,
-            },
+            Self::Children(cs) => {
+                let n = cs.len();
+                cs.iter_mut().enumerate().find_map(|(i, c)| {
+                    let status = c.exited()?;
+                    Some(if n > 1 {
+                        format!("worker {} of {n}, pid {}: {status}", i + 1, c.pid)
+                    } else {
+                        status
+                    })
+                })
+            }
             Self::External(p) => {
                 (!Path::new(&format!("/proc/{p}")).exists()).then(|| "process gone".to_owned())
             }
@@ -65,19 +86,54 @@ impl Worker {
         }
     }
 
-    /// Its last log lines, for error messages.
-    pub fn log_tail(&self) -> String {
+    /// The last log lines of the first worker that ended, or else of the first one, for error
+    /// messages.
+    pub fn log_tail(&mut self) -> String {
         match self {
-            Self::Child(c) => c.log_tail(),
+            Self::Children(cs) => {
+                let i = cs.iter_mut().position(|c| c.exited().is_some());
+                cs.get(i.unwrap_or(0))
+                    .map_or_else(String::new, ChildWorker::log_tail)
+            }
             _ => "(not started by the bench)".to_owned(),
         }
     }
 
-    /// Stops a worker the bench started; leaves an external one alone.
+    /// Stops the workers the bench started, all at once; leaves an external one alone.
     pub async fn stop(&mut self) {
-        if let Self::Child(c) = self {
-            c.stop().await;
+        if let Self::Children(cs) = self {
+            join_all(cs.iter_mut().map(ChildWorker::stop)).await;
         }
+    }
+}
+
+/// How the run's workers are started: the same command line for each, with one encryption
+/// key for all of them, since they share the database and each must open what another sealed.
+pub struct Launch<'a> {
+    args: &'a BenchArgs,
+    env: &'a Env,
+    issuer_url: String,
+    key: SecretString,
+}
+
+impl<'a> Launch<'a> {
+    /// The run's launcher for workers using the stub issuer at `issuer_url`, with a fresh key.
+    pub fn new(args: &'a BenchArgs, env: &'a Env, issuer_url: String) -> Self {
+        Self {
+            args,
+            env,
+            issuer_url,
+            key: SecretString::from(EncryptionKey::generate_base64()),
+        }
+    }
+
+    /// Starts `--workers` children concurrently, so none gets a head start on a backlog, and
+    /// waits until each is ready; each one's start-up therefore includes the others competing
+    /// for the CPUs. When one fails, the others are killed (dropped).
+    pub async fn start(&self) -> anyhow::Result<Worker> {
+        let children =
+            try_join_all((0..self.args.workers).map(|_| ChildWorker::spawn(self))).await?;
+        Ok(Worker::Children(children))
     }
 }
 
@@ -87,14 +143,15 @@ pub struct ChildWorker {
     pid: u32,
     ops: SocketAddr,
     /// Process start → `/readyz` 200.
-    pub startup: Duration,
+    startup: Duration,
     tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl ChildWorker {
     /// Starts `tenant-tokens run` and waits until `/readyz` answers 200.
-    pub async fn spawn(args: &BenchArgs, env: &Env, issuer_url: &str) -> anyhow::Result<Self> {
-        let mut cmd = worker_command(args, env, issuer_url)?;
+    async fn spawn(launch: &Launch<'_>) -> anyhow::Result<Self> {
+        let args = launch.args;
+        let mut cmd = worker_command(launch)?;
         let log_file = match &args.worker_log_file {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -137,6 +194,14 @@ impl ChildWorker {
         Ok(me)
     }
 
+    /// How it ended, if it did.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(s)) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
     fn log_tail(&self) -> String {
         self.tail
             .lock()
@@ -157,13 +222,10 @@ impl ChildWorker {
     }
 }
 
-/// `tenant-tokens run` against the bench's broker, database and stub issuer, with a fresh
+/// `tenant-tokens run` against the bench's broker, database and stub issuer, with the run's
 /// encryption key, JSON logs on a pipe and the ops endpoints on a free port.
-fn worker_command(
-    args: &BenchArgs,
-    env: &Env,
-    issuer_url: &str,
-) -> anyhow::Result<tokio::process::Command> {
+fn worker_command(launch: &Launch<'_>) -> anyhow::Result<tokio::process::Command> {
+    let (args, env) = (launch.args, launch.env);
     let bin = env
         .worker_bin
         .as_deref()
@@ -172,7 +234,7 @@ fn worker_command(
     cmd.arg("run")
         .arg(format!("--amqp-url={}", env.amqp_url))
         .arg(format!("--database-url={}", env.database_url))
-        .arg(format!("--issuer-url={issuer_url}"))
+        .arg(format!("--issuer-url={}", launch.issuer_url))
         .arg("--ops-addr=127.0.0.1:0");
     if let Some(c) = args.concurrency {
         cmd.arg(format!("--concurrency={c}"));
@@ -193,7 +255,7 @@ fn worker_command(
     }
     cmd.envs(args.worker_env.iter().map(|(k, v)| (k, v)));
     cmd.env("ISSUER_MASTER_TOKEN", &args.issuer_master_token)
-        .env("TOKEN_ENCRYPTION_KEY", EncryptionKey::generate_base64())
+        .env("TOKEN_ENCRYPTION_KEY", launch.key.expose_secret())
         .env("LOG_FORMAT", "json")
         // The ops address is logged by `cli` at info; the bench needs that line.
         .env(
@@ -226,7 +288,8 @@ fn read_log(
                 let _ = tx.send(addr);
             }
             if let Some(f) = log_file.as_mut() {
-                let _ = writeln!(f, "{line}");
+                // One write per line: several workers may append to the same file.
+                let _ = f.write_all(format!("{line}\n").as_bytes());
             }
             if let Ok(mut t) = tail.lock() {
                 if t.len() >= LOG_TAIL_LINES {
