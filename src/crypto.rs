@@ -38,7 +38,7 @@ pub struct EncryptionKey(SecretSlice<u8>);
 
 impl EncryptionKey {
     /// Parses base64 (standard or URL-safe, padding optional) of exactly 32 bytes.
-    pub(crate) fn from_base64(text: &str) -> Result<Self, CryptoError> {
+    pub fn from_base64(text: &str) -> Result<Self, CryptoError> {
         let t = text.trim();
         let engines = [
             base64::engine::general_purpose::STANDARD,
@@ -94,9 +94,11 @@ impl std::fmt::Debug for TokenCipher {
     }
 }
 
-/// A token as stored: key id and `nonce || ciphertext+tag`.
+/// A token as stored: key id and `nonce || ciphertext+tag`. Public only for
+/// `tests/instructions.rs` (the CPU path's instruction budget); not an API.
+#[doc(hidden)]
 #[derive(Debug, Clone)]
-pub(crate) struct Sealed {
+pub struct Sealed {
     /// Id of the key that sealed it.
     pub key_id: String,
     /// Nonce followed by the AES-GCM output.
@@ -128,8 +130,9 @@ impl TokenCipher {
         self.keys.iter().map(|(id, _)| id.clone()).collect()
     }
 
-    /// Seals a tenant's token.
-    pub(crate) fn seal(&self, tenant: &TenantId, token: &TenantToken) -> Sealed {
+    /// Seals a tenant's token. Public only for `tests/instructions.rs`; not an API.
+    #[doc(hidden)]
+    pub fn seal(&self, tenant: &TenantId, token: &TenantToken) -> Sealed {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let (_, aead) = &self.keys[0];

@@ -74,7 +74,9 @@ impl RevokedEvent {
 const REVOKED_NAMESPACE: Uuid = Uuid::from_u128(0x2f0d_93c4_71a8_4b6e_8e15_c7d9_04b3_6a52);
 
 /// RFC 3339 in UTC with microseconds (Postgres' precision), e.g. `2026-11-29T12:00:00.123456Z`.
-pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
+/// Public only for `tests/instructions.rs`; not an API.
+#[doc(hidden)]
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"

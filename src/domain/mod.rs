@@ -8,7 +8,9 @@ mod token;
 
 pub use container::{ContainerName, NamingStrategy};
 pub use event::{ReadyEvent, RevokedEvent};
-pub(crate) use event::{now_rfc3339, rfc3339};
+pub(crate) use event::now_rfc3339;
+#[doc(hidden)]
+pub use event::rfc3339;
 pub use request::{MessageIdentity, ProvisionRequest, Trigger};
 pub use tenant::{TenantId, TenantName};
 pub use token::{TenantToken, TokenFingerprint};
