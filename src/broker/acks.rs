@@ -4,8 +4,7 @@
 //! of deliveries at once and batches end in about the order they began, so the acks of a
 //! channel mostly form runs of consecutive delivery tags, and one `basic.ack` with `multiple`
 //! settles a whole run. [`AckWindow`] decides which frames to send (pure, unit-tested);
-//! [`Acks`] keeps the window of one channel and sends the frames, in the order decided, from
-//! one task.
+//! [`Acks`] keeps the window of one channel and queues the frames on it in the order decided.
 //!
 //! A multiple-ack settles every unsettled tag up to its own, so it may only cover a run that
 //! starts at the oldest unsettled delivery. An ack above a delivery still being worked on
@@ -16,9 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Notify;
 
 use crate::telemetry::metric;
 
@@ -133,43 +133,35 @@ impl AckWindow {
     }
 }
 
-/// What the sending task is told.
-enum Command {
-    Send(Frame),
-    /// An ack is decided: flush, then flush the stale ones every `MAX_HOLD` until none waits.
-    Holding,
-    /// Answer once every frame before this one is sent.
-    Flushed(oneshot::Sender<()>),
-}
-
 /// The acks of one consuming channel: shared by its deliveries, which settle through it.
 pub(crate) struct Acks {
     window: Mutex<AckWindow>,
-    commands: mpsc::UnboundedSender<Command>,
+    /// `None` for deliveries taken apart without a broker.
+    channel: Option<Channel>,
+    /// Wakes the flushing task: an ack was decided (or the `Acks` is gone).
+    decided: Arc<Notify>,
 }
 
 impl Acks {
-    /// The acks of `channel`, and the task that sends its frames (and, every [`MAX_HOLD`], the
-    /// acks held that long). The task ends when the `Acks` and every delivery are dropped.
+    /// The acks of `channel`, with the task that flushes decided acks (see [`flush_decided`]).
     pub(crate) fn start(channel: Channel) -> Arc<Self> {
-        let (acks, commands) = Self::new();
-        tokio::spawn(send_frames(channel, commands, Arc::downgrade(&acks)));
+        let acks = Self::new(Some(channel));
+        tokio::spawn(flush_decided(Arc::downgrade(&acks), acks.decided.clone()));
         acks
     }
 
     /// Acks that settle nothing: for a delivery taken apart without a channel (the fuzz
     /// target of `decode_delivery`).
     pub(crate) fn detached() -> Arc<Self> {
-        Self::new().0
+        Self::new(None)
     }
 
-    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Command>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let acks = Arc::new(Self {
+    fn new(channel: Option<Channel>) -> Arc<Self> {
+        Arc::new(Self {
             window: Mutex::new(AckWindow::default()),
-            commands: tx,
-        });
-        (acks, rx)
+            channel,
+            decided: Arc::new(Notify::new()),
+        })
     }
 
     /// Registers a delivery, before any of its settling.
@@ -180,13 +172,14 @@ impl Acks {
         });
     }
 
-    /// Acks `tag`: the sending task flushes when it next runs, so the acks of a batch, which
-    /// settle one after the other as their confirms arrive, mostly go as one frame.
+    /// Acks `tag`. The flushing task sends it when it next runs, so the acks of a batch, which
+    /// are decided one after the other as their confirms arrive, mostly go as one frame.
     pub(crate) fn ack(&self, tag: u64) {
         self.with_window(|w| {
             w.decide(&[tag], Instant::now());
             Vec::new()
         });
+        self.decided.notify_one();
     }
 
     /// Hands `tag` back to the queue, now.
@@ -194,27 +187,24 @@ impl Acks {
         self.with_window(|w| w.requeue(tag, Instant::now()));
     }
 
-    /// Sends every decided ack and waits until it is on the wire: before the channel closes.
-    pub(crate) async fn drain(&self) {
+    /// Sends every decided ack: before the channel closes (which then hands back the rest).
+    pub(crate) fn drain(&self) {
         self.with_window(|w| w.drain(Instant::now()));
-        let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Flushed(tx)).is_ok() {
-            let _ = rx.await;
-        }
     }
 
-    /// Runs `decide` on the window and queues its frames, under the lock: frames reach the
-    /// sending task in the order they were decided, so a nack never follows a multiple-ack
-    /// that assumed it (the broker closes a channel that settles a tag twice).
+    /// Runs `decide` on the window and sends its frames, under the lock: frames are queued on
+    /// the channel in the order they were decided, so a nack never follows a multiple-ack
+    /// that assumed it (the broker closes a channel that settles a tag twice). Sending only
+    /// queues the frame; lapin's I/O loop writes it.
     fn with_window(&self, decide: impl FnOnce(&mut AckWindow) -> Vec<Frame>) {
         let Ok(mut w) = self.window.lock() else {
             return;
         };
-        for f in decide(&mut w) {
-            let _ = self.commands.send(Command::Send(f));
-        }
-        if w.holds() {
-            let _ = self.commands.send(Command::Holding);
+        let frames = decide(&mut w);
+        if let Some(channel) = &self.channel {
+            for f in frames {
+                send(channel, f);
+            }
         }
     }
 
@@ -223,55 +213,57 @@ impl Acks {
     }
 }
 
-/// Sends the frames in order and flushes decided acks when told; while an ack is held, also
-/// every `MAX_HOLD` (and wakes for nothing otherwise: an idle worker stays idle).
-async fn send_frames(
-    channel: Channel,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    acks: Weak<Acks>,
-) {
-    let mut tick = tokio::time::interval(MAX_HOLD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut holding = false;
+impl Drop for Acks {
+    fn drop(&mut self) {
+        // Lets the flushing task see that it is done.
+        self.decided.notify_one();
+    }
+}
+
+/// Flushes decided acks whenever one is decided; while an ack is held, also every
+/// `MAX_HOLD` (and wakes for nothing otherwise: an idle worker stays idle). Ends with the
+/// `Acks`.
+async fn flush_decided(acks: Weak<Acks>, decided: Arc<Notify>) {
     loop {
-        tokio::select! {
-            command = commands.recv() => match command {
-                Some(Command::Send(f)) => send(&channel, f).await,
-                Some(Command::Holding) => {
-                    let Some(a) = acks.upgrade() else { continue };
-                    a.with_window(|w| w.flush(Instant::now()));
-                    holding = a.holds();
-                }
-                Some(Command::Flushed(done)) => {
-                    let _ = done.send(());
-                }
-                None => return,
-            },
-            _ = tick.tick(), if holding => {
-                let Some(a) = acks.upgrade() else { continue };
-                a.with_window(|w| w.flush(Instant::now()));
-                holding = a.holds();
+        let Some(holding) = acks.upgrade().map(|a| a.holds()) else {
+            return;
+        };
+        if holding {
+            tokio::select! {
+                () = decided.notified() => {}
+                () = tokio::time::sleep(MAX_HOLD) => {}
             }
+        } else {
+            decided.notified().await;
+        }
+        match acks.upgrade() {
+            Some(a) => a.with_window(|w| w.flush(Instant::now())),
+            None => return,
         }
     }
 }
 
-async fn send(channel: &Channel, frame: Frame) {
-    let result = match frame {
+/// Queues `frame` on `channel` without waiting for it to be written (its first poll queues
+/// it; a failure to write shows as a closed channel, and the broker redelivers what it did not
+/// settle, which is answered idempotently).
+fn send(channel: &Channel, frame: Frame) {
+    let queued = match frame {
         Frame::Ack { tag, multiple } => {
             let label = if multiple { "true" } else { "false" };
             metrics::counter!(metric::ACK_FRAMES, "multiple" => label).increment(1);
-            channel.basic_ack(tag, BasicAckOptions { multiple }).await
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple })
+                .now_or_never()
         }
         Frame::Requeue(tag) => {
             let opts = BasicNackOptions {
                 requeue: true,
                 multiple: false,
             };
-            channel.basic_nack(tag, opts).await
+            channel.basic_nack(tag, opts).now_or_never()
         }
     };
-    if let Err(e) = result {
+    if let Some(Err(e)) = queued {
         tracing::warn!(error = %e, "settling failed; the broker redelivers what it did not settle, and a redelivery is answered idempotently");
     }
 }

@@ -274,7 +274,7 @@ impl Worker {
         }
         // Decided acks still waiting for an older delivery go now; what is unsettled then goes
         // back to the queue with the channel.
-        s.acks.drain().await;
+        s.acks.drain();
         let _ = s.consume.close(200, "shutdown".into()).await;
         let _ = s.conn.close(200, "shutdown".into()).await;
     }
