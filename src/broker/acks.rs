@@ -75,6 +75,18 @@ impl AckWindow {
     /// The decided run at the low end as one frame, and each ack held for `MAX_HOLD` or longer
     /// alone.
     pub(crate) fn flush(&mut self, now: Instant) -> Vec<Frame> {
+        self.flush_held(now, MAX_HOLD)
+    }
+
+    /// Every decided ack, now (the channel is about to close): the deliveries still being
+    /// worked on go back to the queue when it does.
+    fn drain(&mut self, now: Instant) -> Vec<Frame> {
+        self.flush_held(now, Duration::ZERO)
+    }
+
+    /// The decided run at the low end as one frame, then each ack held for `hold` or longer
+    /// alone (a multiple-ack past an undecided delivery would settle it too).
+    fn flush_held(&mut self, now: Instant, hold: Duration) -> Vec<Frame> {
         let mut frames = Vec::new();
         let run: Vec<u64> = self
             .open
@@ -91,13 +103,13 @@ impl AckWindow {
                 multiple: run.len() > 1,
             });
         }
-        let stale: Vec<u64> = self
+        let held: Vec<u64> = self
             .open
             .iter()
-            .filter(|(_, s)| s.is_some_and(|at| now.saturating_duration_since(at) >= MAX_HOLD))
+            .filter(|(_, s)| s.is_some_and(|at| now.saturating_duration_since(at) >= hold))
             .map(|(t, _)| *t)
             .collect();
-        for t in stale {
+        for t in held {
             self.open.remove(&t);
             frames.push(Frame::Ack {
                 tag: t,
@@ -110,26 +122,6 @@ impl AckWindow {
     /// Whether a decided ack waits for an older delivery.
     fn holds(&self) -> bool {
         self.open.values().any(Option::is_some)
-    }
-
-    /// Every decided ack, now (the channel is about to close): the deliveries still being
-    /// worked on go back to the queue when it does.
-    fn drain(&mut self, now: Instant) -> Vec<Frame> {
-        let mut frames = self.flush(now);
-        let decided: Vec<u64> = self
-            .open
-            .iter()
-            .filter(|(_, s)| s.is_some())
-            .map(|(t, _)| *t)
-            .collect();
-        for t in decided {
-            self.open.remove(&t);
-            frames.push(Frame::Ack {
-                tag: t,
-                multiple: false,
-            });
-        }
-        frames
     }
 }
 
