@@ -7,10 +7,10 @@ mod tenant;
 mod token;
 
 pub use container::{ContainerName, NamingStrategy};
-pub use event::{ReadyEvent, RevokedEvent};
 pub(crate) use event::now_rfc3339;
 #[doc(hidden)]
 pub use event::rfc3339;
+pub use event::{ReadyEvent, RevokedEvent};
 pub use request::{MessageIdentity, ProvisionRequest, Trigger};
 pub use tenant::{TenantId, TenantName};
 pub use token::{TenantToken, TokenFingerprint};
