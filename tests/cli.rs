@@ -173,12 +173,7 @@ async fn migrate_creates_the_database_and_declares_the_topology_twice_over() {
     let mut db = sqlx::PgConnection::connect(&db_url)
         .await
         .expect("db connection");
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
-    )
-    .fetch_all(&mut db)
-    .await
-    .expect("tables");
+    let tables = support::public_tables(&mut db).await;
     for t in ["issued_tokens", "revocations", "tenants"] {
         assert!(tables.iter().any(|x| x == t), "{t} in {tables:?}");
     }

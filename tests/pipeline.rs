@@ -677,12 +677,7 @@ async fn a_token_issued_but_never_stored_is_listed_for_revocation() {
 /// Rows of every table and the tenant row's version (`xmin`): what a write would change.
 async fn storage_footprint(env: &TestEnv, t: &str) -> (Vec<(String, i64)>, String) {
     let mut db = env.db().await;
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
-    )
-    .fetch_all(&mut db)
-    .await
-    .expect("tables");
+    let tables = support::public_tables(&mut db).await;
     let mut counts = Vec::new();
     for table in tables {
         let n: i64 =

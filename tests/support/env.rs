@@ -160,6 +160,16 @@ async fn delete_vhost(management: &str, name: &str) {
     }
 }
 
+/// The tables of schema `public` of the database `db` is connected to, sorted.
+pub async fn public_tables(db: &mut PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .fetch_all(db)
+    .await
+    .expect("tables")
+}
+
 /// Makes every tenant whose id starts with `poison` unstorable: inserting its row fails with a
 /// check violation (SQLSTATE 23514), as a value Postgres refuses would. The schema must exist.
 pub async fn install_poison_trigger(env: &TestEnv) {

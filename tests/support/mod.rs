@@ -38,7 +38,7 @@ pub use self::{
     audit::{Audit, audit, tenants_with_events, wait_for_tenants},
     broker::{Collector, Producer, Received},
     command::{CommandOutput, run_cli},
-    env::{TestEnv, install_poison_trigger},
+    env::{TestEnv, install_poison_trigger, public_tables},
     issuer::{Issue, MASTER_TOKEN, stub_in_flight, stub_issuer, wiremock_issuer},
     proxy::TcpProxy,
     util::{eventually, fake_jwt, free_local_addr, tenant},
