@@ -173,7 +173,7 @@ pub async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
         &existing,
         args.requests_per_existing,
     );
-    let db_before = database_bytes(&env.database_url).await?;
+    let db_before = database_bytes(&args.database_url).await?;
     let mut measured = if args.backlog {
         publish_backlog(args, &launch, &mut worker, &publisher, &msgs).await?
     } else {
@@ -188,8 +188,15 @@ pub async fn one_run(args: &BenchArgs, env: &Env) -> anyhow::Result<RunReport> {
             &mut worker,
         )
         .await?;
-    let mut after = measure_after(args, &worker, &stub, stub_before.requests, &measured).await;
-    after.database = (db_before, database_bytes(&env.database_url).await?);
+    let after = measure_after(
+        args,
+        &worker,
+        &stub,
+        stub_before.requests,
+        &measured,
+        db_before,
+    )
+    .await?;
 
     worker.stop().await;
     collector.stop().await;
@@ -331,27 +338,30 @@ async fn publish_live(
     })
 }
 
-/// CPU (summed), peak RSS (the largest) and batch counters (summed) of the workers and the
-/// stub's issue calls right after the last event, then the workers' idle CPU.
+/// CPU (summed), peak RSS (the largest) and batch counters (summed) of the workers, the
+/// stub's issue calls and the database's size (against `db_before`) right after the last
+/// event, then the workers' idle CPU.
 async fn measure_after(
     args: &BenchArgs,
     worker: &Worker,
     stub: &StubIssuer,
     stub_requests_before: u64,
     measured: &Measured,
-) -> After {
+    db_before: i64,
+) -> anyhow::Result<After> {
     let cpu = CpuSample::take(&worker.pids());
     let rss_mib = largest_peak_rss_kib(&worker.pids()).map_or(0.0, |k| k as f64 / 1024.0);
     let issue_calls = stub.stats().requests.saturating_sub(stub_requests_before);
     let batches_after = worker.batch_counters(args.worker_ops_addr).await;
-    After {
+    let database = (db_before, database_bytes(&args.database_url).await?);
+    Ok(After {
         cpu,
         rss_mib,
         issue_calls,
         mean_batch: mean_batch(measured.batches_before, batches_after),
         idle_cpu_percent: idle_cpu_percent(worker, args.idle).await,
-        database: (0, 0),
-    }
+        database,
+    })
 }
 
 /// The workers' CPU over `idle` with nothing to do, all together, percent of one core.

@@ -91,7 +91,7 @@ impl StoreError {
 /// The pool size for `batches` batches in flight: one connection each, which a batch holds
 /// from its first read to its commit, plus one for the short statements that run beside them
 /// (the journal of issued tokens, committed on its own while a batch's transaction is open,
-/// and pruning). No batch can wait on another for a connection: at most `batches` hold one.
+/// and the revoker). No batch can wait on another for a connection: at most `batches` hold one.
 pub(crate) fn pool_size_for(batches: u32) -> u32 {
     batches.max(1) + 1
 }
